@@ -1,0 +1,125 @@
+//! Index types, index validation and `padding_idx` normalisation.
+//!
+//! Every index is checked before any output byte is written: the kernels receive only indices
+//! this module has accepted, which is what makes their unchecked row addressing sound.
+
+use crate::error::{Error, Result};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+    impl Sealed for u32 {}
+    impl Sealed for u64 {}
+    impl Sealed for usize {}
+}
+
+/// An integer type that can index table rows: `i32`, `i64`, `u32`, `u64` or `usize`.
+pub trait Index: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// The value as u64, negative values wrapping to values above `i64::MAX`, so that
+    /// `as_wrapped_u64() < rows` is the whole range check (rows never exceed `isize::MAX`).
+    fn as_wrapped_u64(self) -> u64;
+    /// The exact value, for error messages.
+    fn as_i128(self) -> i128;
+}
+
+macro_rules! impl_index {
+    ($($t:ty),*) => {$(
+        impl Index for $t {
+            #[inline(always)]
+            fn as_wrapped_u64(self) -> u64 {
+                // Signed types sign-extend first, so -1 becomes u64::MAX, never a valid row.
+                self as i128 as u64
+            }
+            #[inline(always)]
+            fn as_i128(self) -> i128 {
+                self as i128
+            }
+        }
+    )*};
+}
+impl_index!(i32, i64, u32, u64, usize);
+
+/// Check that every index is in `0..rows`. On failure the error names the first bad index and
+/// its position.
+pub fn validate<I: Index>(indices: &[I], rows: usize) -> Result<()> {
+    let rows64 = rows as u64;
+    // A branch-free pass over blocks vectorises; the slow search runs only on failure.
+    const BLOCK: usize = 256;
+    for (block_no, block) in indices.chunks(BLOCK).enumerate() {
+        let ok = block
+            .iter()
+            .fold(true, |ok, &i| ok & (i.as_wrapped_u64() < rows64));
+        if !ok {
+            let (offset, &bad) = block
+                .iter()
+                .enumerate()
+                .find(|(_, &i)| i.as_wrapped_u64() >= rows64)
+                .expect("a failing block holds a bad index");
+            return Err(Error::IndexOutOfRange {
+                index: bad.as_i128(),
+                position: block_no * BLOCK + offset,
+                rows,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Normalise a PyTorch `padding_idx`: `-rows <= p < rows`, negative values count from the end.
+pub fn normalize_padding_idx(padding_idx: i64, rows: usize) -> Result<usize> {
+    let r = rows as i128;
+    let p = padding_idx as i128;
+    if p >= r || p < -r {
+        return Err(Error::PaddingIdxOutOfRange { padding_idx, rows });
+    }
+    Ok(if p < 0 { (p + r) as usize } else { p as usize })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_in_range_for_every_type() {
+        validate(&[0i32, 4], 5).unwrap();
+        validate(&[0i64, 4], 5).unwrap();
+        validate(&[0u32, 4], 5).unwrap();
+        validate(&[0u64, 4], 5).unwrap();
+        validate(&[0usize, 4], 5).unwrap();
+        validate::<i64>(&[], 0).unwrap();
+    }
+
+    #[test]
+    fn names_first_bad_index_and_position() {
+        let mut idx = vec![1i64; 1000];
+        idx[700] = -1;
+        idx[900] = 5;
+        match validate(&idx, 5) {
+            Err(Error::IndexOutOfRange {
+                index,
+                position,
+                rows,
+            }) => assert_eq!((index, position, rows), (-1, 700, 5)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let e = validate(&[0u64, u64::MAX], 5).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "index 18446744073709551615 at position 1 is out of range for a table of 5 rows"
+        );
+        assert!(validate(&[i32::MIN], 5).is_err());
+        assert!(validate(&[0usize], 0).is_err());
+    }
+
+    #[test]
+    fn padding_idx_normalisation() {
+        assert_eq!(normalize_padding_idx(-1, 10).unwrap(), 9);
+        assert_eq!(normalize_padding_idx(-10, 10).unwrap(), 0);
+        assert_eq!(normalize_padding_idx(9, 10).unwrap(), 9);
+        assert!(normalize_padding_idx(10, 10).is_err());
+        assert!(normalize_padding_idx(-11, 10).is_err());
+        assert!(normalize_padding_idx(i64::MIN, 10).is_err());
+        assert!(normalize_padding_idx(0, 0).is_err());
+    }
+}

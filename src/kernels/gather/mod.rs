@@ -1,0 +1,225 @@
+//! Gather kernels: copy table rows to consecutive output rows, as-is or widened to f32.
+//!
+//! Every kernel takes the row numbers of one block: the first `count` are gathered, the
+//! entries after them (up to [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only
+//! prefetched, so prefetching runs ahead across block boundaries.
+
+mod portable;
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+use super::Isa;
+
+/// Copy whole rows of `row_bytes` bytes.
+///
+/// # Safety
+/// Every `rows[i]` (all of them, not just the first `count`) satisfies
+/// `(rows[i] + 1) * row_bytes <= table.len()`, `count <= rows.len()` and
+/// `out.len() >= count * row_bytes`; the CPU supports the kernel's instruction set.
+pub type CopyRowsFn =
+    unsafe fn(table: &[u8], row_bytes: usize, rows: &[usize], count: usize, out: &mut [u8]);
+
+/// Widen rows of `dim` 16-bit floats (f16 or bf16 bit patterns) to f32.
+///
+/// # Safety
+/// Every `rows[i]` satisfies `(rows[i] + 1) * dim <= table.len()`, `count <= rows.len()` and
+/// `out.len() >= count * dim`; the CPU supports the kernel's instruction set.
+pub type WidenRowsFn =
+    unsafe fn(table: &[u16], dim: usize, rows: &[usize], count: usize, out: &mut [f32]);
+
+/// The gather kernels of one instruction-set level.
+#[derive(Clone, Copy, Debug)]
+pub struct GatherKernels {
+    isa: Isa,
+    pub(crate) copy: CopyRowsFn,
+    pub(crate) f16_to_f32: WidenRowsFn,
+    pub(crate) bf16_to_f32: WidenRowsFn,
+}
+
+impl GatherKernels {
+    /// The kernels in use on this CPU ([`Isa::detect`]).
+    pub fn detect() -> GatherKernels {
+        Self::for_isa(Isa::detect()).expect("the detected ISA is available")
+    }
+
+    /// The kernels of one level, or `None` if the CPU cannot run it.
+    pub fn for_isa(isa: Isa) -> Option<GatherKernels> {
+        if !isa.is_available() {
+            return None;
+        }
+        Some(match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => GatherKernels {
+                isa,
+                copy: avx512::copy_rows,
+                f16_to_f32: avx512::f16_rows_to_f32,
+                bf16_to_f32: avx512::bf16_rows_to_f32,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => GatherKernels {
+                isa,
+                copy: avx2::copy_rows,
+                f16_to_f32: avx2::f16_rows_to_f32,
+                bf16_to_f32: avx2::bf16_rows_to_f32,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => GatherKernels {
+                isa,
+                copy: neon::copy_rows,
+                f16_to_f32: portable::f16_rows_to_f32,
+                bf16_to_f32: neon::bf16_rows_to_f32,
+            },
+            Isa::Portable => GatherKernels {
+                isa,
+                copy: portable::copy_rows,
+                f16_to_f32: portable::f16_rows_to_f32,
+                bf16_to_f32: portable::bf16_rows_to_f32,
+            },
+            Isa::Scalar => GatherKernels {
+                isa,
+                copy: scalar::copy_rows,
+                f16_to_f32: scalar::f16_rows_to_f32,
+                bf16_to_f32: scalar::bf16_rows_to_f32,
+            },
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        })
+    }
+
+    /// The instruction-set level.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The kernel's name (`avx512`, `avx2+f16c`, `neon`, `portable`, `scalar`).
+    pub fn name(&self) -> &'static str {
+        self.isa.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every kernel against the scalar reference: all widths up to two of the widest vectors
+    //! plus one, blocks with duplicates, lookahead entries, empty blocks, special values.
+    use super::*;
+    use crate::util::Rng;
+
+    /// Widest vector: 64 bytes = 32 sixteen-bit lanes; test every width up to 2 × that + 1.
+    const MAX_DIM: usize = 2 * 32 + 1;
+
+    fn special_u16() -> Vec<u16> {
+        // ±0, smallest/largest subnormal f16, ±1, max f16, ±inf, quiet and signalling NaNs,
+        // and their bf16 counterparts by bit pattern.
+        vec![
+            0x0000, 0x8000, 0x0001, 0x03ff, 0x3c00, 0xbc00, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0x7d00,
+            0xfd01, 0x7f80, 0xff80, 0x7fc0, 0x7f81, 0x0080, 0x3f80,
+        ]
+    }
+
+    fn table_u16(rows: usize, dim: usize, rng: &mut Rng) -> Vec<u16> {
+        let specials = special_u16();
+        (0..rows * dim)
+            .map(|i| {
+                if i % 7 == 0 {
+                    specials[i / 7 % specials.len()]
+                } else {
+                    rng.next_u64() as u16
+                }
+            })
+            .collect()
+    }
+
+    fn rows_with_lookahead(n: usize, rows: usize, rng: &mut Rng) -> Vec<usize> {
+        // Duplicates on purpose: draw from a small range.
+        (0..n + crate::kernels::PREFETCH_DISTANCE)
+            .map(|_| rng.below(rows as u64) as usize)
+            .collect()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len()
+    }
+
+    #[test]
+    fn copy_matches_scalar() {
+        let mut rng = Rng::new(1);
+        let reference = GatherKernels::for_isa(Isa::Scalar).unwrap();
+        for isa in Isa::all_available() {
+            let k = GatherKernels::for_isa(isa).unwrap();
+            for row_bytes in (0..=MAX_DIM * 4 + 3).step_by(1) {
+                let rows = 7;
+                let table: Vec<u8> = (0..rows * row_bytes)
+                    .map(|_| rng.next_u64() as u8)
+                    .collect();
+                for count in [0, 1, 5, 33] {
+                    let idx = rows_with_lookahead(count, rows, &mut rng);
+                    // Odd output offsets: start one byte into a larger buffer.
+                    let mut want = vec![0xAAu8; count * row_bytes + 1];
+                    let mut got = want.clone();
+                    // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
+                    unsafe {
+                        (reference.copy)(&table, row_bytes, &idx, count, &mut want[1..]);
+                        (k.copy)(&table, row_bytes, &idx, count, &mut got[1..]);
+                    }
+                    assert_eq!(got, want, "{} copy, row_bytes {row_bytes}", k.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn widen_matches_scalar() {
+        let mut rng = Rng::new(2);
+        let reference = GatherKernels::for_isa(Isa::Scalar).unwrap();
+        for isa in Isa::all_available() {
+            let k = GatherKernels::for_isa(isa).unwrap();
+            for dim in 0..=MAX_DIM {
+                let rows = 5;
+                // One element of slack so the table view can start at an odd element offset.
+                let table = table_u16(rows * dim + 1, 1, &mut rng);
+                for offset in [0, 1] {
+                    let t = &table[offset..offset + rows * dim];
+                    for count in [0, 1, 3, 40] {
+                        let idx = rows_with_lookahead(count, rows, &mut rng);
+                        let mut want = vec![f32::from_bits(0xdead); count * dim + 1];
+                        let mut got = want.clone();
+                        for (name, r, f) in [
+                            ("f16", reference.f16_to_f32, k.f16_to_f32),
+                            ("bf16", reference.bf16_to_f32, k.bf16_to_f32),
+                        ] {
+                            // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
+                            unsafe {
+                                r(t, dim, &idx, count, &mut want[offset..]);
+                                f(t, dim, &idx, count, &mut got[offset..]);
+                            }
+                            assert!(
+                                same_bits(&got, &want),
+                                "{} {name}, dim {dim}, offset {offset}, count {count}",
+                                k.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_reference_is_the_plain_definition() {
+        let f16_table: Vec<u16> = vec![0x3c00, 0xc000, 0x4000, 0x3800]; // [[1, -2], [2, 0.5]]
+        let mut out = vec![0.0f32; 4];
+        // SAFETY: rows 1 and 0 of a 2 × 2 table; out holds 2 rows.
+        unsafe { scalar::f16_rows_to_f32(&f16_table, 2, &[1, 0], 2, &mut out) };
+        assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
+        let bf16_table: Vec<u16> = vec![0x3f80, 0xc000, 0x4000, 0x3f00]; // [[1, -2], [2, 0.5]]
+                                                                         // SAFETY: as above.
+        unsafe { scalar::bf16_rows_to_f32(&bf16_table, 2, &[1, 0], 2, &mut out) };
+        assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
+    }
+}

@@ -1,0 +1,155 @@
+//! The SIMD kernels, chosen once at run time for the CPU.
+//!
+//! Each operation has one module (`gather`, ...) holding a scalar reference, a portable
+//! implementation on `wide`, and explicit kernels per instruction set (`avx512`, `avx2`, `neon`).
+//! [`Isa::detect`] picks the best instruction set once; every kernel table is built for an
+//! [`Isa`], so a reader (and `emb --verbose`) can name the kernel that ran.
+//!
+//! Setting `EMBEDDING_LOOKUP_ISA=scalar|portable|avx2|avx512|neon` forces a lower level (never
+//! one the CPU lacks), which is how the fallbacks are tested on a machine that has AVX-512.
+
+pub mod gather;
+
+use std::sync::OnceLock;
+
+/// How many rows ahead of the one being copied the kernels prefetch. Measured with
+/// `cargo bench --bench lookup -- prefetch` on a 1 GiB table (see BENCHMARKS.md): 8 and 16
+/// reach the same throughput, 4 and 32 fall behind; FBGEMM also uses 16.
+pub const PREFETCH_DISTANCE: usize = 16;
+
+/// An instruction-set level the kernels are written for, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// x86_64 with AVX-512 F, BW and VL (masked tails, 64-byte vectors, f16 conversion).
+    Avx512,
+    /// x86_64 with AVX2, FMA and F16C.
+    Avx2,
+    /// aarch64 Advanced SIMD.
+    Neon,
+    /// Any CPU: the `wide` crate's portable vectors.
+    Portable,
+    /// Plain loops: the reference every other kernel is tested against.
+    Scalar,
+}
+
+impl Isa {
+    /// The kernel's name as benchmarks and `emb --verbose` print it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2+f16c",
+            Isa::Neon => "neon",
+            Isa::Portable => "portable",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// Whether this CPU can run kernels of this level.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Avx512 => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            }
+            Isa::Avx2 => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            }
+            Isa::Neon => {
+                #[cfg(target_arch = "aarch64")]
+                {
+                    std::arch::is_aarch64_feature_detected!("neon")
+                }
+                #[cfg(not(target_arch = "aarch64"))]
+                false
+            }
+            Isa::Portable | Isa::Scalar => true,
+        }
+    }
+
+    /// Every level this CPU can run, best first.
+    pub fn all_available() -> Vec<Isa> {
+        [
+            Isa::Avx512,
+            Isa::Avx2,
+            Isa::Neon,
+            Isa::Portable,
+            Isa::Scalar,
+        ]
+        .into_iter()
+        .filter(|i| i.is_available())
+        .collect()
+    }
+
+    /// The level in use: the best available, or a lower one forced by `EMBEDDING_LOOKUP_ISA`.
+    /// Decided once per process.
+    pub fn detect() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::all_available()[0];
+            match std::env::var("EMBEDDING_LOOKUP_ISA") {
+                Ok(name) => match Isa::from_name(&name) {
+                    Some(forced) if forced.is_available() => forced,
+                    _ => best,
+                },
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// Parse a name as printed by [`Isa::name`] (`avx2` is accepted for `avx2+f16c`).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Some(match name.trim().to_ascii_lowercase().as_str() {
+            "avx512" => Isa::Avx512,
+            "avx2" | "avx2+f16c" => Isa::Avx2,
+            "neon" => Isa::Neon,
+            "portable" => Isa::Portable,
+            "scalar" => Isa::Scalar,
+            _ => return None,
+        })
+    }
+}
+
+/// Hint the CPU to fetch `len` bytes at `ptr` into cache. A hint only: it never faults, so
+/// `ptr` need not be dereferenceable, but callers pass rows inside the table.
+#[inline(always)]
+pub(crate) fn prefetch_read(ptr: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let mut off = 0;
+        while off < len {
+            // SAFETY: prefetch is a hint and never faults, whatever the address; SSE is
+            // part of the x86_64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(off) as *const i8) };
+            off += 64;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: PRFM is a hint and never faults, whatever the address.
+            unsafe {
+                std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) ptr.wrapping_add(off),
+                    options(nostack, readonly, preserves_flags))
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = (ptr, len);
+}

@@ -1,0 +1,3 @@
+//! The operations: each validates its inputs completely, then plans the work, then runs kernels.
+
+pub mod lookup;

@@ -1,0 +1,158 @@
+//! Writing files safely: through a temporary name in the same directory, renamed into place
+//! only after every byte is written and synced, so a failure never leaves a partial file.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{checked_bytes, npy, safetensors, Format, TensorDType};
+use crate::error::{Error, Result};
+
+/// A file being written under a temporary name; [`AtomicFile::commit`] renames it into place,
+/// dropping it without committing removes it.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    /// Create the temporary file beside `dest`.
+    pub fn create(dest: &Path) -> Result<AtomicFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = dest
+            .file_name()
+            .ok_or_else(|| Error::format(Some(dest), "not a file path"))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}-{}",
+            file_name.to_string_lossy(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(dest, e))?;
+        Ok(AtomicFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    /// Write bytes.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let w = self.writer.as_mut().expect("not yet committed");
+        w.write_all(bytes).map_err(|e| Error::io(&self.dest, e))
+    }
+
+    /// Flush, sync and rename into place.
+    pub fn commit(mut self) -> Result<()> {
+        let w = self.writer.take().expect("committed once");
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&self.dest, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// One tensor to write: name (ignored for `.npy`), dtype, shape and its little-endian bytes.
+pub struct TensorToWrite<'a> {
+    /// The tensor's name in a safetensors file.
+    pub name: &'a str,
+    /// Its element type.
+    pub dtype: TensorDType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its data, `product(shape) * dtype.size()` bytes.
+    pub data: &'a [u8],
+}
+
+/// Write tensors to `path` (format from the extension) atomically. `.npy` takes exactly one
+/// tensor and no metadata.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[TensorToWrite<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let format = Format::from_path(path)?;
+    for t in tensors {
+        let size = t.dtype.size().ok_or_else(|| {
+            Error::InvalidArgument(format!("cannot write dtype {} to a file", t.dtype))
+        })?;
+        if checked_bytes(&t.shape, size) != Some(t.data.len()) {
+            return Err(Error::ShapeMismatch(format!(
+                "tensor {:?}: {} bytes do not fill shape {:?} of {}",
+                t.name,
+                t.data.len(),
+                t.shape,
+                t.dtype
+            )));
+        }
+    }
+    let header = match format {
+        Format::Npy => {
+            let [t] = tensors else {
+                return Err(Error::InvalidArgument(format!(
+                    "a .npy file holds exactly one tensor, {} given",
+                    tensors.len()
+                )));
+            };
+            npy::header(&t.dtype, &t.shape)?
+        }
+        Format::SafeTensors => {
+            let list: Vec<_> = tensors
+                .iter()
+                .map(|t| (t.name, &t.dtype, t.shape.as_slice(), t.data.len()))
+                .collect();
+            safetensors::header(&list, metadata)?
+        }
+    };
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(&header)?;
+    for t in tensors {
+        file.write_all(t.data)?;
+    }
+    file.commit()
+}
+
+/// Start a file holding one tensor whose data the caller streams in: returns the open file
+/// with the header written. The caller writes exactly `product(shape) * size` bytes, then
+/// commits.
+pub fn begin_single_tensor(
+    path: &Path,
+    name: &str,
+    dtype: &TensorDType,
+    shape: &[usize],
+) -> Result<AtomicFile> {
+    let size = dtype
+        .size()
+        .ok_or_else(|| Error::InvalidArgument(format!("cannot write dtype {dtype}")))?;
+    let len = checked_bytes(shape, size)
+        .ok_or_else(|| Error::InvalidArgument(format!("shape {shape:?} overflows")))?;
+    let header = match Format::from_path(path)? {
+        Format::Npy => npy::header(dtype, shape)?,
+        Format::SafeTensors => safetensors::header(&[(name, dtype, shape, len)], &BTreeMap::new())?,
+    };
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(&header)?;
+    Ok(file)
+}

@@ -1,0 +1,460 @@
+//! The embedding table: `rows × dim` elements of f32, f16 or bf16, row-major, over owned,
+//! borrowed or memory-mapped storage.
+
+pub mod formats;
+mod storage;
+
+use std::fs::File;
+use std::path::Path;
+
+use half::{bf16, f16};
+use memmap2::MmapOptions;
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::index::normalize_padding_idx;
+use formats::{Format, TensorDType, TensorEntry, TensorToWrite};
+pub use storage::StorageKind;
+use storage::{AlignedBuf, Storage};
+
+/// An embedding table: `rows × dim` elements, row-major, of one [`DType`].
+///
+/// One type serves every storage. The lifetime `'a` is that of a borrowed slice (`'static` for
+/// owned and mapped tables); whether the table may be written (in-place renorm, optimizer steps)
+/// is [`StorageKind::is_writable`], and writing needs `&mut Table`, so a table shared between
+/// threads is only ever read.
+///
+/// ```
+/// use embedding_lookup::{DType, Table};
+///
+/// let table = Table::from_slice(&[0.0f32, 1.0, 10.0, 11.0, 20.0, 21.0], 3, 2)?;
+/// assert_eq!((table.rows(), table.dim(), table.dtype()), (3, 2, DType::F32));
+/// let out: Vec<f32> = table.lookup(&[2i64, 0])?;
+/// assert_eq!(out, [20.0, 21.0, 0.0, 1.0]);
+/// # Ok::<(), embedding_lookup::Error>(())
+/// ```
+pub struct Table<'a> {
+    storage: Storage<'a>,
+    dtype: DType,
+    rows: usize,
+    dim: usize,
+    padding_idx: Option<usize>,
+    zero_copy: bool,
+}
+
+/// How [`Table::open_with`] brings a file's table into memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Map the file read-only and view the data in place when it is aligned for its dtype
+    /// (copy once otherwise). The default.
+    #[default]
+    Map,
+    /// Map the file writable and shared: in-place renorm and optimizer steps reach the file.
+    /// The data must be aligned for its dtype.
+    MapWritable,
+    /// Read the tensor into owned memory: immune to the file being truncated or replaced later.
+    Copy,
+}
+
+/// Options of [`Table::open_with`].
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions<'n> {
+    /// The tensor to take from a safetensors file; `None` takes the only 2-D tensor.
+    pub tensor: Option<&'n str>,
+    /// How to bring the data in.
+    pub mode: OpenMode,
+}
+
+impl Table<'static> {
+    /// A table of zeros.
+    pub fn zeros(rows: usize, dim: usize, dtype: DType) -> Result<Self> {
+        let len = table_bytes(rows, dim, dtype)?;
+        Ok(Table {
+            storage: Storage::Owned(AlignedBuf::zeroed(len)?),
+            dtype,
+            rows,
+            dim,
+            padding_idx: None,
+            zero_copy: false,
+        })
+    }
+
+    /// A table holding a copy of `data` (`rows * dim` elements, row-major).
+    pub fn from_slice<T: Element>(data: &[T], rows: usize, dim: usize) -> Result<Self> {
+        check_len(data.len(), rows, dim)?;
+        let mut t = Table::zeros(rows, dim, T::DTYPE)?;
+        t.bytes_mut_unchecked()
+            .copy_from_slice(bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// A table of standard normal values from a seeded generator (deterministic for a seed), as
+    /// `nn.Embedding` initialises its weight.
+    pub fn randn(rows: usize, dim: usize, dtype: DType, seed: u64) -> Result<Self> {
+        let mut t = Table::zeros(rows, dim, dtype)?;
+        let mut rng = crate::util::Rng::new(seed);
+        match dtype {
+            DType::F32 => fill(t.as_mut_slice::<f32>()?, &mut rng),
+            DType::F16 => fill(t.as_mut_slice::<f16>()?, &mut rng),
+            DType::BF16 => fill(t.as_mut_slice::<bf16>()?, &mut rng),
+        }
+        Ok(t)
+    }
+
+    /// A fresh table as `nn.Embedding(rows, dim, padding_idx=p)` makes it: standard normal
+    /// values, the padding row zeroed, the padding index recorded.
+    pub fn new_embedding(
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+        padding_idx: Option<i64>,
+        seed: u64,
+    ) -> Result<Self> {
+        if let Some(p) = padding_idx {
+            normalize_padding_idx(p, rows)?;
+        }
+        let mut t = Table::randn(rows, dim, dtype, seed)?;
+        if let Some(p) = padding_idx {
+            t = t.with_padding_idx(p)?;
+            let row = t.padding_idx.expect("just set");
+            let rb = t.row_bytes();
+            t.bytes_mut_unchecked()[row * rb..(row + 1) * rb].fill(0);
+        }
+        Ok(t)
+    }
+
+    /// Open a table file (`.safetensors` or `.npy`) read-only, mapped and viewed in place when
+    /// aligned. With no tensor name, a safetensors file must hold exactly one 2-D tensor.
+    ///
+    /// A mapped file must not be truncated or rewritten while the table is alive: the operating
+    /// system would then fault (SIGBUS) on access. Use [`OpenMode::Copy`] where another process
+    /// may change the file.
+    pub fn open(path: impl AsRef<Path>, tensor: Option<&str>) -> Result<Self> {
+        Table::open_with(
+            path,
+            &OpenOptions {
+                tensor,
+                mode: OpenMode::Map,
+            },
+        )
+    }
+
+    /// Open a table file with explicit options.
+    pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions<'_>) -> Result<Self> {
+        let path = path.as_ref();
+        let format = Format::from_path(path)?;
+        let writable = options.mode == OpenMode::MapWritable;
+        let file = File::options()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        // The map's length is taken from the file now; parsing then checks every header size
+        // against it, so nothing is read beyond what the file held when it was opened.
+        let map = {
+            // SAFETY: mapping a file is sound as long as nobody truncates or rewrites it while
+            // mapped; that hazard is documented on `open` and avoided with OpenMode::Copy.
+            unsafe { MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?
+        };
+        let parsed = formats::parse(&map, format).map_err(|e| e.with_path(path))?;
+        let entry = parsed.select(options.tensor, Some(2), path)?.clone();
+        let dtype = table_dtype(&entry, path)?;
+        let [rows, dim] = entry.shape[..] else {
+            return Err(Error::format(
+                Some(path),
+                format!("tensor {} is not 2-D (rows × dim)", entry.describe()),
+            ));
+        };
+        let aligned = entry.data.start % dtype.size() == 0;
+        let storage = match options.mode {
+            OpenMode::Map if aligned => Storage::Map(map, entry.data.clone()),
+            OpenMode::Map | OpenMode::Copy => {
+                let mut buf = AlignedBuf::zeroed(entry.data.len())?;
+                buf.as_mut_slice().copy_from_slice(&map[entry.data.clone()]);
+                Storage::Owned(buf)
+            }
+            OpenMode::MapWritable => {
+                if !aligned {
+                    return Err(Error::format(
+                        Some(path),
+                        format!(
+                            "tensor data starts at byte {}, not aligned for {dtype}: it cannot \
+                             be updated in place (rewrite the file with `emb convert`)",
+                            entry.data.start
+                        ),
+                    ));
+                }
+                drop(map);
+                // SAFETY: as for the read-only map above; the writable map is shared, so
+                // writes reach the file.
+                let map =
+                    unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| Error::io(path, e))?;
+                if map.len() < entry.data.end {
+                    return Err(Error::format(Some(path), "file shrank while being opened"));
+                }
+                Storage::MapMut(map, entry.data.clone())
+            }
+        };
+        let zero_copy = matches!(storage, Storage::Map(..) | Storage::MapMut(..));
+        Ok(Table {
+            storage,
+            dtype,
+            rows,
+            dim,
+            padding_idx: None,
+            zero_copy,
+        })
+    }
+}
+
+impl<'a> Table<'a> {
+    /// A read-only table over the caller's slice (`rows * dim` elements), without copying.
+    pub fn borrowed<T: Element>(data: &'a [T], rows: usize, dim: usize) -> Result<Self> {
+        check_len(data.len(), rows, dim)?;
+        Ok(Table {
+            storage: Storage::Borrowed(bytemuck::cast_slice(data)),
+            dtype: T::DTYPE,
+            rows,
+            dim,
+            padding_idx: None,
+            zero_copy: true,
+        })
+    }
+
+    /// A writable table over the caller's slice, without copying.
+    pub fn borrowed_mut<T: Element>(data: &'a mut [T], rows: usize, dim: usize) -> Result<Self> {
+        check_len(data.len(), rows, dim)?;
+        Ok(Table {
+            storage: Storage::BorrowedMut(bytemuck::cast_slice_mut(data)),
+            dtype: T::DTYPE,
+            rows,
+            dim,
+            padding_idx: None,
+            zero_copy: true,
+        })
+    }
+
+    /// Record a PyTorch `padding_idx` (`-rows <= p < rows`; negative counts from the end).
+    /// The row's values are left as they are: lookups return what it holds, as PyTorch does;
+    /// gradients and bags skip it.
+    pub fn with_padding_idx(mut self, padding_idx: i64) -> Result<Self> {
+        self.padding_idx = Some(normalize_padding_idx(padding_idx, self.rows)?);
+        Ok(self)
+    }
+
+    /// The padding row, normalised to `0..rows`, if one is set.
+    pub fn padding_idx(&self) -> Option<usize> {
+        self.padding_idx
+    }
+
+    /// Number of rows (the vocabulary size).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements per row (the hidden size).
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// `[rows, dim]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.dim]
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.dim * self.dtype.size()
+    }
+
+    /// What the storage is.
+    pub fn storage_kind(&self) -> StorageKind {
+        self.storage.kind()
+    }
+
+    /// Whether the data is viewed in place (a file map or the caller's slice) rather than
+    /// copied. A file whose data is not aligned for its dtype is copied once when opened.
+    pub fn is_zero_copy(&self) -> bool {
+        self.zero_copy
+    }
+
+    /// The raw bytes, little-endian, row-major.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    /// The elements as a typed slice; an error if `T` is not the table's dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        self.check_dtype::<T>()?;
+        // Every storage is aligned for its dtype: owned buffers to 64, files checked on open,
+        // borrowed slices came from `&[T]`.
+        Ok(bytemuck::cast_slice(self.storage.bytes()))
+    }
+
+    /// The elements, writable; errors if `T` is not the dtype or the storage is read-only.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        self.check_dtype::<T>()?;
+        let bytes = self.storage.bytes_mut().ok_or(Error::ReadOnlyTable)?;
+        Ok(bytemuck::cast_slice_mut(bytes))
+    }
+
+    /// One row, or `None` past the end.
+    pub fn row<T: Element>(&self, row: usize) -> Result<Option<&[T]>> {
+        let data = self.as_slice::<T>()?;
+        Ok(data
+            .get(row * self.dim..(row + 1) * self.dim)
+            .filter(|_| row < self.rows))
+    }
+
+    /// Flush a writable file map to disk (a no-op for other storage).
+    pub fn flush(&self) -> Result<()> {
+        if let Storage::MapMut(m, r) = &self.storage {
+            m.flush_range(r.start, r.len())?;
+        }
+        Ok(())
+    }
+
+    /// A copy in owned memory, converted to `dtype` (f32 → f16/bf16 rounds to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Table<'static>> {
+        let mut out = Table::zeros(self.rows, self.dim, dtype)?;
+        out.padding_idx = self.padding_idx;
+        convert_bytes(
+            self.dtype,
+            self.as_bytes(),
+            dtype,
+            out.bytes_mut_unchecked(),
+        );
+        Ok(out)
+    }
+
+    /// Save to `.safetensors` (tensor named `weight`) or `.npy`, by extension, atomically.
+    /// bf16 cannot be saved as `.npy`.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_as(path, "weight")
+    }
+
+    /// Save with a tensor name (used by safetensors only).
+    pub fn save_as(&self, path: impl AsRef<Path>, tensor_name: &str) -> Result<()> {
+        formats::write_tensors(
+            path.as_ref(),
+            &[TensorToWrite {
+                name: tensor_name,
+                dtype: TensorDType::Float(self.dtype),
+                shape: vec![self.rows, self.dim],
+                data: self.as_bytes(),
+            }],
+            &Default::default(),
+        )
+    }
+
+    fn check_dtype<T: Element>(&self) -> Result<()> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DTypeMismatch {
+                expected: self.dtype,
+                actual: T::DTYPE,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writable bytes of storage known to be owned.
+    fn bytes_mut_unchecked(&mut self) -> &mut [u8] {
+        self.storage
+            .bytes_mut()
+            .expect("called only on owned storage")
+    }
+
+    /// The writable bytes, or the read-only error.
+    pub(crate) fn bytes_mut(&mut self) -> Result<&mut [u8]> {
+        self.storage.bytes_mut().ok_or(Error::ReadOnlyTable)
+    }
+}
+
+impl std::fmt::Debug for Table<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("rows", &self.rows)
+            .field("dim", &self.dim)
+            .field("dtype", &self.dtype)
+            .field("storage", &self.storage_kind())
+            .field("zero_copy", &self.zero_copy)
+            .field("padding_idx", &self.padding_idx)
+            .finish()
+    }
+}
+
+/// Convert elements between dtypes, `src` and `dst` holding the same number of elements.
+/// Widening is exact; narrowing rounds to nearest, ties to even.
+pub fn convert_bytes(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    debug_assert_eq!(src.len() / from.size(), dst.len() / to.size());
+    // Bytes from files may be unaligned; copy through an aligned buffer when they are.
+    fn typed<T: Element>(b: &[u8]) -> std::borrow::Cow<'_, [T]> {
+        match bytemuck::try_cast_slice(b) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(b)),
+        }
+    }
+    match (from, to) {
+        (a, b) if a == b => dst.copy_from_slice(src),
+        (DType::F32, DType::F16) => {
+            bytemuck::cast_slice_mut::<u8, f16>(dst).convert_from_f32_slice(&typed::<f32>(src))
+        }
+        (DType::F32, DType::BF16) => {
+            bytemuck::cast_slice_mut::<u8, bf16>(dst).convert_from_f32_slice(&typed::<f32>(src))
+        }
+        (DType::F16, DType::F32) => {
+            typed::<f16>(src).convert_to_f32_slice(bytemuck::cast_slice_mut(dst))
+        }
+        (DType::BF16, DType::F32) => {
+            typed::<bf16>(src).convert_to_f32_slice(bytemuck::cast_slice_mut(dst))
+        }
+        // f16 <-> bf16 through f32: widening is exact, so one rounding.
+        (a, b) => {
+            let mut mid = vec![0u8; src.len() / a.size() * 4];
+            convert_bytes(a, src, DType::F32, &mut mid);
+            convert_bytes(DType::F32, &mid, b, dst);
+        }
+    }
+}
+
+fn table_dtype(entry: &TensorEntry, path: &Path) -> Result<DType> {
+    match &entry.dtype {
+        TensorDType::Float(d) => Ok(*d),
+        other => Err(Error::format(
+            Some(path),
+            format!(
+                "tensor {} has dtype {other}; a table must be f32, f16 or bf16",
+                entry.describe()
+            ),
+        )),
+    }
+}
+
+fn table_bytes(rows: usize, dim: usize, dtype: DType) -> Result<usize> {
+    formats::checked_bytes(&[rows, dim], dtype.size()).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a table of {rows} × {dim} {dtype} does not fit in memory"
+        ))
+    })
+}
+
+fn check_len(len: usize, rows: usize, dim: usize) -> Result<()> {
+    if rows.checked_mul(dim) != Some(len) {
+        return Err(Error::ShapeMismatch(format!(
+            "{len} elements cannot form a {rows} × {dim} table"
+        )));
+    }
+    Ok(())
+}
+
+fn fill<T: Element>(out: &mut [T], rng: &mut crate::util::Rng) {
+    for v in out {
+        *v = T::from_f32(rng.normal());
+    }
+}
