@@ -33,6 +33,7 @@
     clippy::missing_safety_doc
 )]
 
+pub mod conformance;
 pub mod dtype;
 pub mod error;
 pub mod index;

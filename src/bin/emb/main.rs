@@ -1,1 +1,73 @@
-fn main() {}
+//! `emb`: embedding lookups on tensor files from the command line.
+
+mod conformance;
+mod convert;
+mod demo;
+mod info;
+mod input;
+mod lookup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Errors print as `error: ...` and exit with status 2.
+type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser)]
+#[command(
+    name = "emb",
+    version,
+    about = "Embedding lookups (torch.nn.Embedding on the CPU) on .safetensors and .npy files"
+)]
+struct Cli {
+    /// Print the kernel in use, thread count, storage and timings on stderr.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the tensors of a file: dtype, shape, and whether a table would be viewed zero-copy.
+    Info(info::Args),
+    /// Look up indices in a table and write the rows to a file.
+    Lookup(lookup::Args),
+    /// Convert a table to another dtype, streaming.
+    Convert(convert::Args),
+    /// Run PyTorch golden cases through the library and compare.
+    Conformance(conformance::Args),
+    /// Create a demo table, map it, look up the (2, 4) example indices, and measure throughput.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Lookup(a) => lookup::run(a, cli.verbose),
+        Command::Convert(a) => convert::run(a, cli.verbose),
+        Command::Conformance(a) => conformance::run(a, cli.verbose),
+        Command::Demo(a) => demo::run(a, cli.verbose),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Run `f` on a rayon pool of `threads` threads, or on the global pool when `None`.
+fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> CliResult<T> {
+    match threads {
+        None => Ok(f()),
+        Some(0) => Err("--threads must be at least 1".into()),
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()?
+            .install(f)),
+    }
+}
