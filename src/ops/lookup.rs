@@ -13,6 +13,11 @@ use crate::table::Table;
 /// Positions converted to row numbers at a time: small enough to sit in L1 on the stack.
 const BLOCK: usize = 256;
 
+/// Outputs at least this large are written with streaming (non-temporal) stores. Measured
+/// with `emb bench` (BENCHMARKS.md): below it, cached stores win because the output still fits
+/// in the last-level cache.
+const STREAM_MIN_BYTES: usize = 16 << 20;
+
 /// The shape of a lookup's output: the indices' shape with `dim` appended.
 ///
 /// ```
@@ -122,10 +127,13 @@ pub(crate) fn gather_validated<I: Index>(
         return;
     }
     let table_bytes = table.as_bytes();
+    // An output larger than the last-level cache will not be read back from cache: stream it.
+    let stream = indices.len() * out_row_bytes >= STREAM_MIN_BYTES;
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,
             conversion,
+            stream,
             table_bytes,
             dim,
             indices,
@@ -144,9 +152,11 @@ pub(crate) fn gather_validated<I: Index>(
 
 /// The block loop on one thread: convert a block of indices (plus the prefetch lookahead) to
 /// row numbers on the stack, then hand the block to the kernel.
+#[allow(clippy::too_many_arguments)]
 fn gather_serial<I: Index>(
     kernels: &GatherKernels,
     conversion: Conversion,
+    stream: bool,
     table: &[u8],
     dim: usize,
     indices: &[I],
@@ -176,15 +186,17 @@ fn gather_serial<I: Index>(
         // kernels were built for an ISA this CPU has.
         unsafe {
             match conversion {
-                Conversion::Copy => (kernels.copy)(table, row_bytes, block_rows, count, block_out),
-                Conversion::F16ToF32 => (kernels.f16_to_f32)(
+                Conversion::Copy => {
+                    kernels.copy.pick(stream)(table, row_bytes, block_rows, count, block_out)
+                }
+                Conversion::F16ToF32 => kernels.f16_to_f32.pick(stream)(
                     bytemuck::cast_slice(table),
                     dim,
                     block_rows,
                     count,
                     bytemuck::cast_slice_mut(block_out),
                 ),
-                Conversion::Bf16ToF32 => (kernels.bf16_to_f32)(
+                Conversion::Bf16ToF32 => kernels.bf16_to_f32.pick(stream)(
                     bytemuck::cast_slice(table),
                     dim,
                     block_rows,

@@ -1,5 +1,6 @@
 //! AVX2 + F16C gather kernels: 32-byte vectors, `vcvtph2ps` for f16, a zero-extend and shift
-//! for bf16, scalar tails (AVX2 has no byte-masked stores).
+//! for bf16, scalar tails (AVX2 has no byte-masked stores). `STREAM = true` uses
+//! non-temporal stores for whole aligned 32-byte pieces of the output (see `avx512.rs`).
 
 use std::arch::x86_64::*;
 
@@ -8,7 +9,7 @@ use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract; the CPU has AVX2.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn copy_rows(
+pub(super) unsafe fn copy_rows<const STREAM: bool>(
     table: &[u8],
     row_bytes: usize,
     rows: &[usize],
@@ -26,6 +27,16 @@ pub(super) unsafe fn copy_rows(
             let src = base.add(*rows.get_unchecked(i) * row_bytes);
             let dst = out.as_mut_ptr().add(i * row_bytes);
             let mut off = 0;
+            if STREAM {
+                let head = dst.align_offset(32).min(row_bytes);
+                std::ptr::copy_nonoverlapping(src, dst, head);
+                off = head;
+                while off + 32 <= row_bytes {
+                    let a = _mm256_loadu_si256(src.add(off) as *const __m256i);
+                    _mm256_stream_si256(dst.add(off) as *mut __m256i, a);
+                    off += 32;
+                }
+            }
             while off + 128 <= row_bytes {
                 let a = _mm256_loadu_si256(src.add(off) as *const __m256i);
                 let b = _mm256_loadu_si256(src.add(off + 32) as *const __m256i);
@@ -53,12 +64,15 @@ pub(super) unsafe fn copy_rows(
             }
         }
     }
+    if STREAM {
+        _mm_sfence();
+    }
 }
 
 /// # Safety
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; the CPU has AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn f16_rows_to_f32(
+pub(super) unsafe fn f16_rows_to_f32<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
@@ -67,7 +81,7 @@ pub(super) unsafe fn f16_rows_to_f32(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows(
+        widen_rows::<STREAM>(
             table,
             dim,
             rows,
@@ -82,7 +96,7 @@ pub(super) unsafe fn f16_rows_to_f32(
 /// # Safety
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; the CPU has AVX2.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn bf16_rows_to_f32(
+pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
@@ -91,7 +105,7 @@ pub(super) unsafe fn bf16_rows_to_f32(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows(
+        widen_rows::<STREAM>(
             table,
             dim,
             rows,
@@ -109,7 +123,7 @@ pub(super) unsafe fn bf16_rows_to_f32(
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; AVX2 and F16C.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_rows(
+unsafe fn widen_rows<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
@@ -129,6 +143,18 @@ unsafe fn widen_rows(
             let src = base.add(*rows.get_unchecked(i) * dim);
             let dst = out.as_mut_ptr().add(i * dim);
             let mut j = 0;
+            if STREAM {
+                let head = dst.align_offset(32).min(dim);
+                while j < head {
+                    *dst.add(j) = widen_one(*src.add(j));
+                    j += 1;
+                }
+                while j + 8 <= dim {
+                    let a = _mm_loadu_si128(src.add(j) as *const __m128i);
+                    _mm256_stream_ps(dst.add(j), widen(a));
+                    j += 8;
+                }
+            }
             while j + 16 <= dim {
                 let a = _mm_loadu_si128(src.add(j) as *const __m128i);
                 let b = _mm_loadu_si128(src.add(j + 8) as *const __m128i);
@@ -146,5 +172,8 @@ unsafe fn widen_rows(
                 j += 1;
             }
         }
+    }
+    if STREAM {
+        _mm_sfence();
     }
 }
