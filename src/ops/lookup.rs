@@ -6,7 +6,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::gather::GatherKernels;
-use crate::kernels::PREFETCH_DISTANCE;
+use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
@@ -168,12 +168,13 @@ fn gather_serial<I: Index>(
         Conversion::Copy => out_row_bytes,
         Conversion::F16ToF32 | Conversion::Bf16ToF32 => dim * 2,
     };
-    let mut rows = [0usize; BLOCK + PREFETCH_DISTANCE];
+    let prefetch = prefetch_distance();
+    let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
     let n = indices.len();
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
-        let ahead_end = (end + PREFETCH_DISTANCE).min(n);
+        let ahead_end = (end + prefetch).min(n);
         for (r, &i) in rows.iter_mut().zip(&indices[start..ahead_end]) {
             // Validated: 0 <= i < rows, so the wrapped value is the row number.
             *r = i.as_wrapped_u64() as usize;
@@ -186,15 +187,16 @@ fn gather_serial<I: Index>(
         // kernels were built for an ISA this CPU has.
         unsafe {
             match conversion {
-                Conversion::Copy => {
-                    kernels.copy.pick(stream)(table, row_bytes, block_rows, count, block_out)
-                }
+                Conversion::Copy => kernels.copy.pick(stream)(
+                    table, row_bytes, block_rows, count, block_out, prefetch,
+                ),
                 Conversion::F16ToF32 => kernels.f16_to_f32.pick(stream)(
                     bytemuck::cast_slice(table),
                     dim,
                     block_rows,
                     count,
                     bytemuck::cast_slice_mut(block_out),
+                    prefetch,
                 ),
                 Conversion::Bf16ToF32 => kernels.bf16_to_f32.pick(stream)(
                     bytemuck::cast_slice(table),
@@ -202,6 +204,7 @@ fn gather_serial<I: Index>(
                     block_rows,
                     count,
                     bytemuck::cast_slice_mut(block_out),
+                    prefetch,
                 ),
             }
         }

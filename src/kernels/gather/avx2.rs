@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract; the CPU has AVX2.
@@ -15,10 +15,11 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    prefetch: usize,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;
@@ -78,6 +79,7 @@ pub(super) unsafe fn f16_rows_to_f32<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
@@ -87,6 +89,7 @@ pub(super) unsafe fn f16_rows_to_f32<const STREAM: bool>(
             rows,
             count,
             out,
+            prefetch,
             |h| _mm256_cvtph_ps(h),
             |h| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))),
         );
@@ -102,6 +105,7 @@ pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
@@ -111,6 +115,7 @@ pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
             rows,
             count,
             out,
+            prefetch,
             |h| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))),
             super::scalar::bf16_to_f32,
         );
@@ -123,18 +128,20 @@ pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; AVX2 and F16C.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
+#[allow(clippy::too_many_arguments)] // the kernel contract plus two conversions
 unsafe fn widen_rows<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
     widen: impl Fn(__m128i) -> __m256,
     widen_one: impl Fn(u16) -> f32,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * dim) as *const u8, dim * 2);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;

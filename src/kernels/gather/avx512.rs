@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract; the CPU has AVX-512 F and BW.
@@ -22,10 +22,11 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    prefetch: usize,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`.
@@ -123,10 +124,13 @@ pub(super) unsafe fn f16_rows_to_f32<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows::<STREAM>(table, dim, rows, count, out, |h| _mm512_cvtph_ps(h));
+        widen_rows::<STREAM>(table, dim, rows, count, out, prefetch, |h| {
+            _mm512_cvtph_ps(h)
+        });
     }
 }
 
@@ -139,10 +143,11 @@ pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows::<STREAM>(table, dim, rows, count, out, |h| {
+        widen_rows::<STREAM>(table, dim, rows, count, out, prefetch, |h| {
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         });
     }
@@ -161,11 +166,12 @@ unsafe fn widen_rows<const STREAM: bool>(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
     widen: impl Fn(__m256i) -> __m512,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * dim) as *const u8, dim * 2);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;

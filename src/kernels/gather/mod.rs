@@ -1,8 +1,8 @@
 //! Gather kernels: copy table rows to consecutive output rows, as-is or widened to f32.
 //!
 //! Every kernel takes the row numbers of one block: the first `count` are gathered, the
-//! entries after them (up to [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only
-//! prefetched, so prefetching runs ahead across block boundaries.
+//! entries after them (up to `prefetch` of them) are only prefetched, so prefetching runs
+//! ahead across block boundaries. While copying row `i` a kernel prefetches row `i + prefetch`.
 
 mod portable;
 pub(crate) mod scalar;
@@ -22,16 +22,28 @@ use super::Isa;
 /// Every `rows[i]` (all of them, not just the first `count`) satisfies
 /// `(rows[i] + 1) * row_bytes <= table.len()`, `count <= rows.len()` and
 /// `out.len() >= count * row_bytes`; the CPU supports the kernel's instruction set.
-pub type CopyRowsFn =
-    unsafe fn(table: &[u8], row_bytes: usize, rows: &[usize], count: usize, out: &mut [u8]);
+pub type CopyRowsFn = unsafe fn(
+    table: &[u8],
+    row_bytes: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [u8],
+    prefetch: usize,
+);
 
 /// Widen rows of `dim` 16-bit floats (f16 or bf16 bit patterns) to f32.
 ///
 /// # Safety
 /// Every `rows[i]` satisfies `(rows[i] + 1) * dim <= table.len()`, `count <= rows.len()` and
 /// `out.len() >= count * dim`; the CPU supports the kernel's instruction set.
-pub type WidenRowsFn =
-    unsafe fn(table: &[u16], dim: usize, rows: &[usize], count: usize, out: &mut [f32]);
+pub type WidenRowsFn = unsafe fn(
+    table: &[u16],
+    dim: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [f32],
+    prefetch: usize,
+);
 
 /// A kernel in two store flavours: ordinary stores (the output stays in cache for a consumer
 /// that reads it next) and streaming stores (a large output bypasses the cache and skips the
@@ -181,7 +193,7 @@ mod tests {
 
     fn rows_with_lookahead(n: usize, rows: usize, rng: &mut Rng) -> Vec<usize> {
         // Duplicates on purpose: draw from a small range.
-        (0..n + crate::kernels::PREFETCH_DISTANCE)
+        (0..n + crate::kernels::DEFAULT_PREFETCH_DISTANCE)
             .map(|_| rng.below(rows as u64) as usize)
             .collect()
     }
@@ -217,8 +229,16 @@ mod tests {
                                 &idx,
                                 count,
                                 &mut want[offset..offset + n],
+                                count % 17, // any distance, past the lookahead too
                             );
-                            kernel(&table, row_bytes, &idx, count, &mut got[offset..offset + n]);
+                            kernel(
+                                &table,
+                                row_bytes,
+                                &idx,
+                                count,
+                                &mut got[offset..offset + n],
+                                count % 17,
+                            );
                         }
                         assert_eq!(
                             got,
@@ -263,8 +283,22 @@ mod tests {
                         ] {
                             // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
                             unsafe {
-                                r(t, dim, &idx, count, &mut want[offset..offset + n]);
-                                f(t, dim, &idx, count, &mut got[offset..offset + n]);
+                                r(
+                                    t,
+                                    dim,
+                                    &idx,
+                                    count,
+                                    &mut want[offset..offset + n],
+                                    count % 17,
+                                );
+                                f(
+                                    t,
+                                    dim,
+                                    &idx,
+                                    count,
+                                    &mut got[offset..offset + n],
+                                    count % 17,
+                                );
                             }
                             assert!(
                                 same_bits(&got, &want),
@@ -283,11 +317,11 @@ mod tests {
         let f16_table: Vec<u16> = vec![0x3c00, 0xc000, 0x4000, 0x3800]; // [[1, -2], [2, 0.5]]
         let mut out = vec![0.0f32; 4];
         // SAFETY: rows 1 and 0 of a 2 × 2 table; out holds 2 rows.
-        unsafe { scalar::f16_rows_to_f32(&f16_table, 2, &[1, 0], 2, &mut out) };
+        unsafe { scalar::f16_rows_to_f32(&f16_table, 2, &[1, 0], 2, &mut out, 0) };
         assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
         let bf16_table: Vec<u16> = vec![0x3f80, 0xc000, 0x4000, 0x3f00]; // [[1, -2], [2, 0.5]]
                                                                          // SAFETY: as above.
-        unsafe { scalar::bf16_rows_to_f32(&bf16_table, 2, &[1, 0], 2, &mut out) };
+        unsafe { scalar::bf16_rows_to_f32(&bf16_table, 2, &[1, 0], 2, &mut out, 0) };
         assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
     }
 }
