@@ -30,6 +30,7 @@ pub fn set_prefetch_distance(rows: usize) {
 }
 
 /// The prefetch distance in use.
+#[inline]
 pub fn prefetch_distance() -> usize {
     PREFETCH_DISTANCE.load(Ordering::Relaxed)
 }
