@@ -6,17 +6,12 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::gather::GatherKernels;
-use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
+use crate::kernels::{prefetch_distance, streaming_threshold, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
 /// Positions converted to row numbers at a time: small enough to sit in L1 on the stack.
 const BLOCK: usize = 256;
-
-/// Outputs at least this large are written with streaming (non-temporal) stores. Measured
-/// with `emb bench` (BENCHMARKS.md): below it, cached stores win because the output still fits
-/// in the last-level cache.
-const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// The shape of a lookup's output: the indices' shape with `dim` appended.
 ///
@@ -154,7 +149,7 @@ pub(crate) fn gather_validated<I: Index>(
     }
     let table_bytes = table.as_bytes();
     // An output larger than the last-level cache will not be read back from cache: stream it.
-    let stream = indices.len() * out_row_bytes >= STREAM_MIN_BYTES;
+    let stream = indices.len() * out_row_bytes >= streaming_threshold();
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,
