@@ -306,9 +306,11 @@ impl<'a> Table<'a> {
     /// One row, or `None` past the end.
     pub fn row<T: Element>(&self, row: usize) -> Result<Option<&[T]>> {
         let data = self.as_slice::<T>()?;
-        Ok(data
-            .get(row * self.dim..(row + 1) * self.dim)
-            .filter(|_| row < self.rows))
+        if row >= self.rows {
+            return Ok(None);
+        }
+        // row < rows, so neither product overflows: (row + 1) * dim <= rows * dim elements.
+        Ok(data.get(row * self.dim..(row + 1) * self.dim))
     }
 
     /// Flush a writable file map to disk (a no-op for other storage).
@@ -445,6 +447,13 @@ fn table_bytes(rows: usize, dim: usize, dtype: DType) -> Result<usize> {
 }
 
 fn check_len(len: usize, rows: usize, dim: usize) -> Result<()> {
+    // Row numbers must fit an isize, as for tables made or read from files (`table_bytes`):
+    // an empty-rowed (dim 0) slice must not make a table of more rows than that.
+    if rows > isize::MAX as usize {
+        return Err(Error::ShapeMismatch(format!(
+            "a table of {rows} rows is larger than the address space"
+        )));
+    }
     if rows.checked_mul(dim) != Some(len) {
         return Err(Error::ShapeMismatch(format!(
             "{len} elements cannot form a {rows} × {dim} table"
