@@ -10,12 +10,29 @@
 
 pub mod gather;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// How many rows ahead of the one being copied the kernels prefetch. Measured with
-/// `cargo bench --bench lookup -- prefetch` on a 1 GiB table (see BENCHMARKS.md): 8 and 16
-/// reach the same throughput, 4 and 32 fall behind; FBGEMM also uses 16.
-pub const PREFETCH_DISTANCE: usize = 16;
+/// How many rows ahead of the one being copied the kernels prefetch, unless changed with
+/// [`set_prefetch_distance`]. A measured choice: see the `prefetch` group of
+/// `cargo bench --bench lookup` and BENCHMARKS.md (FBGEMM also uses 16).
+pub const DEFAULT_PREFETCH_DISTANCE: usize = 16;
+
+/// The largest prefetch distance [`set_prefetch_distance`] accepts.
+pub const MAX_PREFETCH_DISTANCE: usize = 64;
+
+static PREFETCH_DISTANCE: AtomicUsize = AtomicUsize::new(DEFAULT_PREFETCH_DISTANCE);
+
+/// Set how many rows ahead the kernels prefetch (0 turns prefetching off; clamped to
+/// [`MAX_PREFETCH_DISTANCE`]). Process-wide; meant for benchmarks and tuning.
+pub fn set_prefetch_distance(rows: usize) {
+    PREFETCH_DISTANCE.store(rows.min(MAX_PREFETCH_DISTANCE), Ordering::Relaxed);
+}
+
+/// The prefetch distance in use.
+pub fn prefetch_distance() -> usize {
+    PREFETCH_DISTANCE.load(Ordering::Relaxed)
+}
 
 /// An instruction-set level the kernels are written for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -6,12 +6,17 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::gather::GatherKernels;
-use crate::kernels::PREFETCH_DISTANCE;
+use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
 /// Positions converted to row numbers at a time: small enough to sit in L1 on the stack.
 const BLOCK: usize = 256;
+
+/// Outputs at least this large are written with streaming (non-temporal) stores. Measured
+/// with `emb bench` (BENCHMARKS.md): below it, cached stores win because the output still fits
+/// in the last-level cache.
+const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// The shape of a lookup's output: the indices' shape with `dim` appended.
 ///
@@ -122,10 +127,13 @@ pub(crate) fn gather_validated<I: Index>(
         return;
     }
     let table_bytes = table.as_bytes();
+    // An output larger than the last-level cache will not be read back from cache: stream it.
+    let stream = indices.len() * out_row_bytes >= STREAM_MIN_BYTES;
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,
             conversion,
+            stream,
             table_bytes,
             dim,
             indices,
@@ -144,9 +152,11 @@ pub(crate) fn gather_validated<I: Index>(
 
 /// The block loop on one thread: convert a block of indices (plus the prefetch lookahead) to
 /// row numbers on the stack, then hand the block to the kernel.
+#[allow(clippy::too_many_arguments)]
 fn gather_serial<I: Index>(
     kernels: &GatherKernels,
     conversion: Conversion,
+    stream: bool,
     table: &[u8],
     dim: usize,
     indices: &[I],
@@ -158,12 +168,13 @@ fn gather_serial<I: Index>(
         Conversion::Copy => out_row_bytes,
         Conversion::F16ToF32 | Conversion::Bf16ToF32 => dim * 2,
     };
-    let mut rows = [0usize; BLOCK + PREFETCH_DISTANCE];
+    let prefetch = prefetch_distance();
+    let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
     let n = indices.len();
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
-        let ahead_end = (end + PREFETCH_DISTANCE).min(n);
+        let ahead_end = (end + prefetch).min(n);
         for (r, &i) in rows.iter_mut().zip(&indices[start..ahead_end]) {
             // Validated: 0 <= i < rows, so the wrapped value is the row number.
             *r = i.as_wrapped_u64() as usize;
@@ -176,20 +187,24 @@ fn gather_serial<I: Index>(
         // kernels were built for an ISA this CPU has.
         unsafe {
             match conversion {
-                Conversion::Copy => (kernels.copy)(table, row_bytes, block_rows, count, block_out),
-                Conversion::F16ToF32 => (kernels.f16_to_f32)(
-                    bytemuck::cast_slice(table),
-                    dim,
-                    block_rows,
-                    count,
-                    bytemuck::cast_slice_mut(block_out),
+                Conversion::Copy => kernels.copy.pick(stream)(
+                    table, row_bytes, block_rows, count, block_out, prefetch,
                 ),
-                Conversion::Bf16ToF32 => (kernels.bf16_to_f32)(
+                Conversion::F16ToF32 => kernels.f16_to_f32.pick(stream)(
                     bytemuck::cast_slice(table),
                     dim,
                     block_rows,
                     count,
                     bytemuck::cast_slice_mut(block_out),
+                    prefetch,
+                ),
+                Conversion::Bf16ToF32 => kernels.bf16_to_f32.pick(stream)(
+                    bytemuck::cast_slice(table),
+                    dim,
+                    block_rows,
+                    count,
+                    bytemuck::cast_slice_mut(block_out),
+                    prefetch,
                 ),
             }
         }

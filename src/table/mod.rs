@@ -372,6 +372,7 @@ impl<'a> Table<'a> {
     }
 
     /// The writable bytes, or the read-only error.
+    #[allow(dead_code)] // used by the renorm, bag and gradient operations
     pub(crate) fn bytes_mut(&mut self) -> Result<&mut [u8]> {
         self.storage.bytes_mut().ok_or(Error::ReadOnlyTable)
     }

@@ -1,5 +1,6 @@
 //! `emb`: embedding lookups on tensor files from the command line.
 
+mod bench;
 mod conformance;
 mod convert;
 mod demo;
@@ -38,6 +39,8 @@ enum Command {
     Convert(convert::Args),
     /// Run PyTorch golden cases through the library and compare.
     Conformance(conformance::Args),
+    /// Time an operation on a generated workload against memcpy and a naive loop.
+    Bench(bench::Args),
     /// Create a demo table, map it, look up the (2, 4) example indices, and measure throughput.
     Demo(demo::Args),
 }
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a, cli.verbose),
         Command::Conformance(a) => conformance::run(a, cli.verbose),
         Command::Demo(a) => demo::run(a, cli.verbose),
+        Command::Bench(a) => bench::run(a, cli.verbose),
     };
     match result {
         Ok(code) => code,
