@@ -21,7 +21,8 @@ const CHUNKS_PER_THREAD: usize = 4;
 pub(crate) fn chunk_items(items: usize, bytes_per_item: usize) -> Option<usize> {
     let total = items.saturating_mul(bytes_per_item.max(1));
     if total < MIN_PARALLEL_BYTES {
-        return None; // decided before asking rayon anything: small calls never touch the pool
+        // Decided before asking rayon anything: its first question starts the global pool.
+        return None;
     }
     let threads = rayon::current_num_threads();
     if threads <= 1 {

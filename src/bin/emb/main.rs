@@ -46,6 +46,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info::run(a),
@@ -61,6 +62,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// A file-size limit (`ulimit -f`) raises SIGXFSZ, whose default action kills the process in
+/// the middle of a write and leaves the temporary output file behind. Ignored, the write fails
+/// with EFBIG instead, which is handled like any other write error: the temporary file is
+/// removed, the destination left as it was, and the error printed.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a standard signal's disposition to SIG_IGN installs no handler code and
+    // runs before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 
