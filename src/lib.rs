@@ -46,6 +46,7 @@ pub mod util;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use index::Index;
+pub use ops::bag::{BagMode, BagOptions, Bags};
 pub use ops::lookup::output_shape;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
 
