@@ -208,8 +208,7 @@ mod tests {
     /// not fixed (the compiler may swap an add's operands).
     fn same_bits(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len()
-            && a
-                .iter()
+            && a.iter()
                 .zip(b)
                 .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
     }
