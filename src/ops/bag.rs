@@ -12,8 +12,10 @@
 //!   end of the indices); bag `b` runs from `offsets[b]` to `offsets[b + 1]`, the last one to
 //!   the end of the indices. With `include_last_offset` (CSR style) the last offset is the end
 //!   of the last bag, so there are `len(offsets) - 1` bags and entries after it belong to no
-//!   bag (as in PyTorch's sum path). Or bags are the rows of 2-D indices `(B, N)`:
-//!   [`Bags::Fixed`]`(N)`.
+//!   bag, in every mode. (PyTorch's sum path reads it so; when the last offset stops short of
+//!   the end, its mean divides by a count that runs to the end and its max path takes the
+//!   trailing entries into the last bag: that inconsistency is not reproduced.) Or bags are
+//!   the rows of 2-D indices `(B, N)`: [`Bags::Fixed`]`(N)`.
 //! - An empty bag gives zeros in every mode. Mean divides by the number of non-padding
 //!   entries (by 1 if there are none). Max takes the first entry, then every value greater
 //!   than the current one, so a NaN is kept only when it comes first, as PyTorch compares.
