@@ -230,6 +230,20 @@ fn bag_shapes_csr_and_fixed() {
         )
         .unwrap();
     assert_eq!(out, [0.0, 0.0, 4.0, 40.0]);
+    // Every mode, every dtype: a bag of padding only is zeros, like an empty bag.
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = padded.to_dtype(dtype).unwrap();
+        for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
+            let out: Vec<f32> = t
+                .bag(
+                    &[5i64, 5, 5, 2],
+                    Bags::offsets(&[0i64, 3, 3]),
+                    &BagOptions::mode(mode),
+                )
+                .unwrap();
+            assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 2.0, 20.0], "{dtype} {mode}");
+        }
+    }
     // Mean divides by the non-padding count only.
     let out: Vec<f32> = padded
         .bag(
