@@ -47,6 +47,7 @@ pub mod workload;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use index::Index;
+pub use ops::bag::{BagMode, BagOptions, Bags};
 pub use ops::lookup::output_shape;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
 
