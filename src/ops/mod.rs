@@ -1,3 +1,4 @@
 //! The operations: each validates its inputs completely, then plans the work, then runs kernels.
 
 pub mod lookup;
+pub mod renorm;
