@@ -171,14 +171,16 @@ impl RenormKernels {
 
 /// PyTorch's decision for one row: `norm` is rounded to the table's dtype (PyTorch's
 /// `row.norm(p)` is a tensor of that dtype), widened to f64 (`.item<double>()`), compared
-/// strictly with `max_norm`, and the scale `max_norm / (norm + 1e-7)` is taken in f64 and
-/// then used as f32 (the multiply runs in f32, PyTorch's `opmath` type for all three dtypes).
+/// strictly with `max_norm`, and the scale `max_norm / (norm + 1e-7)` is taken in f64. `row *=
+/// scale` then converts the scale to the row's dtype (through f32, as `c10::Half` and
+/// `c10::BFloat16` are built) and multiplies in f32, so the scale returned is rounded to `T`.
 /// `None` leaves the row as it is (NaN norms included).
 #[inline(always)]
 pub fn row_scale<T: Element>(norm: f32, max_norm: f64) -> Option<f32> {
     let norm = T::from_f32(norm).to_f32() as f64;
     if norm > max_norm {
-        Some((max_norm / (norm + 1e-7)) as f32)
+        let scale = (max_norm / (norm + 1e-7)) as f32;
+        Some(T::from_f32(scale).to_f32())
     } else {
         None
     }
