@@ -36,10 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
-use crate::kernels::gather::GatherKernels;
 use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn};
 use crate::kernels::PREFETCH_DISTANCE;
-use crate::ops::lookup::{check_output_len, gather_validated, Conversion};
+use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
 use crate::table::Table;
 
@@ -183,12 +182,13 @@ impl Table<'_> {
             out_f32: conversion != Conversion::Copy,
             norm: NormKind::new(max_norm.norm_type),
             max_norm: max_norm.max_norm,
+            copy_only: false,
         };
         let run = |indices: &[I], out: &mut [u8]| {
             let job = job.with_out(out.as_mut_ptr());
             // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
             // (it is borrowed shared and `write_back` is false).
-            unsafe { renorm_serial(kernel, &job, out_row_bytes, indices, &mut Claim::All, None) }
+            unsafe { renorm_serial(kernel, &job, out_row_bytes, indices, |_, _| true) }
         };
         match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
             None => run(indices, out),
@@ -220,10 +220,8 @@ fn kernel_for(kernels: &RenormKernels, dtype: DType) -> RenormRowsFn {
     }
 }
 
-/// Who renorms a row.
+/// Who renorms a row in place.
 enum Claim<'c> {
-    /// Every position renorms its own row (output only: nothing is written to the table).
-    All,
     /// The first position to set the row's bit (shared between threads).
     Shared(&'c RowClaims),
     /// The first position seen (one thread, few indices over many rows).
@@ -234,7 +232,6 @@ impl Claim<'_> {
     #[inline(always)]
     fn claim(&mut self, row: usize) -> bool {
         match self {
-            Claim::All => true,
             Claim::Shared(c) => c.claim(row),
             Claim::Local(seen) => seen.insert(row),
         }
@@ -296,6 +293,7 @@ fn renorm_in_place_validated<I: Index>(
         out_f32: conversion != Conversion::Copy,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
+        copy_only: false,
     };
     let chunk = parallel::chunk_items(indices.len(), row_bytes + out_row_bytes);
 
@@ -321,14 +319,9 @@ fn renorm_in_place_validated<I: Index>(
             // SAFETY: indices validated; `out` (if any) holds a row per index; one thread, and
             // the claims give each row to one position only.
             unsafe {
-                renorm_serial(
-                    kernel,
-                    &job,
-                    out_row_bytes,
-                    indices,
-                    &mut claim,
-                    Some(&mut owned),
-                )
+                renorm_serial(kernel, &job, out_row_bytes, indices, |p, r| {
+                    claim_position(&mut claim, &mut owned, p, r)
+                })
             };
             vec![owned]
         }
@@ -337,18 +330,14 @@ fn renorm_in_place_validated<I: Index>(
             let run = |indices: &[I], out: *mut u8| {
                 let mut owned = vec![0u64; indices.len().div_ceil(64)];
                 let job = job.with_out(out);
+                let mut claim = Claim::Shared(&claims);
                 // SAFETY: indices validated; `out` (if any) holds a row per index of this
                 // chunk; the shared claims give each row to exactly one position of one
                 // thread, so no row is read or written by two threads.
                 unsafe {
-                    renorm_serial(
-                        kernel,
-                        &job,
-                        out_row_bytes,
-                        indices,
-                        &mut Claim::Shared(&claims),
-                        Some(&mut owned),
-                    )
+                    renorm_serial(kernel, &job, out_row_bytes, indices, |p, r| {
+                        claim_position(&mut claim, &mut owned, p, r)
+                    })
                 };
                 owned
             };
@@ -367,28 +356,22 @@ fn renorm_in_place_validated<I: Index>(
     };
 
     // Phase 2: positions that did not claim their row copy it, renormed, from the table.
+    // Every row was written in phase 1, which the join has ended; now the table is only read.
     let Some(out) = out else { return };
-    let table: &Table<'_> = table;
-    let gather = GatherKernels::detect();
+    let copy = RenormJob {
+        copy_only: true,
+        write_back: false,
+        ..job
+    };
     let copy_unowned = |indices: &[I], out: &mut [u8], owned: &[u64]| {
-        let mut p = 0;
-        while p < indices.len() {
-            if owned[p / 64] >> (p % 64) & 1 == 1 {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < indices.len() && owned[p / 64] >> (p % 64) & 1 == 0 {
-                p += 1;
-            }
-            gather_validated(
-                &gather,
-                conversion,
-                table,
-                &indices[start..p],
-                &mut out[start * out_row_bytes..p * out_row_bytes],
-            );
-        }
+        let job = copy.with_out(out.as_mut_ptr());
+        // SAFETY: indices validated; `out` holds a row per index of this chunk; nothing writes
+        // the table any more (`copy_only`).
+        unsafe {
+            renorm_serial(kernel, &job, out_row_bytes, indices, |p, _| {
+                owned[p / 64] >> (p % 64) & 1 == 0
+            })
+        };
     };
     match chunk {
         None => copy_unowned(indices, out, &owned[0]),
@@ -400,20 +383,30 @@ fn renorm_in_place_validated<I: Index>(
     }
 }
 
-/// The block loop on one thread: claim the rows of a block, hand the claimed ones (plus the
-/// next positions' rows, for prefetching) to the kernel, and record which positions claimed.
+/// Claim `row` for position `p`; record the position as the row's owner when it wins.
+#[inline(always)]
+fn claim_position(claim: &mut Claim<'_>, owned: &mut [u64], p: usize, row: usize) -> bool {
+    let won = claim.claim(row);
+    if won {
+        owned[p / 64] |= 1 << (p % 64);
+    }
+    won
+}
+
+/// The block loop on one thread: `select(position, row)` picks the positions of a block to
+/// hand to the kernel (all of them, the claiming ones, or the unclaimed ones), with the next
+/// positions' rows for prefetching.
 ///
 /// # Safety
 /// `indices` are validated against the table of `job`; `job.out` is null or holds a row of
-/// `out_row_bytes` per index; the claim policy gives no row to two positions running at the
-/// same time when `job.write_back` (and nothing writes the table otherwise).
+/// `out_row_bytes` per index; when `job.write_back`, `select` gives no row to two positions
+/// running at the same time, and otherwise nothing writes the selected rows.
 unsafe fn renorm_serial<I: Index>(
     kernel: RenormRowsFn,
     job: &RenormJob,
     out_row_bytes: usize,
     indices: &[I],
-    claim: &mut Claim<'_>,
-    mut owned: Option<&mut Vec<u64>>,
+    mut select: impl FnMut(usize, usize) -> bool,
 ) {
     let mut rows = [0usize; BLOCK + PREFETCH_DISTANCE];
     let mut slots = [0usize; BLOCK];
@@ -425,13 +418,10 @@ unsafe fn renorm_serial<I: Index>(
         for (p, &i) in indices[start..end].iter().enumerate() {
             // Validated: 0 <= i < rows, so the wrapped value is the row number.
             let r = i.as_wrapped_u64() as usize;
-            if claim.claim(r) {
+            if select(start + p, r) {
                 rows[m] = r;
                 slots[m] = p;
                 m += 1;
-                if let Some(owned) = owned.as_deref_mut() {
-                    owned[(start + p) / 64] |= 1 << ((start + p) % 64);
-                }
             }
         }
         let ahead_end = (end + PREFETCH_DISTANCE).min(n);

@@ -75,6 +75,9 @@ pub struct RenormJob {
     pub norm: NormKind,
     /// Rows whose norm exceeds this are rescaled.
     pub max_norm: f64,
+    /// Only copy (or widen) the rows to their slots, no norm: the second phase of an
+    /// in-place lookup, for positions whose row another position renormed.
+    pub copy_only: bool,
 }
 
 impl RenormJob {
@@ -100,7 +103,7 @@ unsafe impl Sync for RenormJob {}
 /// - Unless `job.out` is null, it is valid for writes of `max(slots[..count]) + 1` output rows
 ///   (`job.dim` elements of f32 when `job.out_f32`, of the table's dtype otherwise), and the
 ///   slots are distinct.
-/// - If `job.write_back`, `rows[..count]` are distinct, the table is writable, and no other
+/// - If `job.write_back` (and not `job.copy_only`), `rows[..count]` are distinct, the table is writable, and no other
 ///   thread reads or writes these rows during the call; otherwise no thread writes them.
 /// - The CPU supports the kernel's instruction set.
 pub type RenormRowsFn = unsafe fn(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize);
@@ -284,6 +287,12 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
             } else {
                 job.out.add(*slots.get_unchecked(k) * out_row_bytes)
             };
+            if job.copy_only {
+                if !out.is_null() {
+                    O::copy(src, dim, out, job.out_f32);
+                }
+                continue;
+            }
             let norm = match job.norm {
                 NormKind::P(p) => scalar::norm_p(std::slice::from_raw_parts(src, dim), p),
                 kind => {

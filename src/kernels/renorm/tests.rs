@@ -43,6 +43,17 @@ fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
     bytemuck::cast_slice(v).to_vec()
 }
 
+/// What one kernel run does.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    norm: NormKind,
+    write_back: bool,
+    /// None: no output; Some(true): f32 output; Some(false): the table's dtype.
+    out_kind: Option<bool>,
+    max_norm: f64,
+    copy_only: bool,
+}
+
 /// Run one kernel over `rows` with a fresh copy of `table`; return (table after, output).
 fn run<T: Element>(
     kernel: RenormRowsFn,
@@ -50,13 +61,10 @@ fn run<T: Element>(
     dim: usize,
     rows: &[usize],
     count: usize,
-    norm: NormKind,
-    write_back: bool,
-    out_kind: Option<bool>,
-    max_norm: f64,
+    setup: Setup,
 ) -> (Vec<u8>, Vec<u8>) {
     let mut t = table.to_vec();
-    let out_size = match out_kind {
+    let out_size = match setup.out_kind {
         Some(true) => 4,
         _ => std::mem::size_of::<T>(),
     };
@@ -68,16 +76,17 @@ fn run<T: Element>(
     let job = RenormJob {
         table: t.as_mut_ptr() as *mut u8,
         dim,
-        write_back,
-        out: match out_kind {
+        write_back: setup.write_back,
+        out: match setup.out_kind {
             None => std::ptr::null_mut(),
             Some(_) => out_words.as_mut_ptr() as *mut u8,
         },
-        out_f32: out_kind == Some(true),
-        norm,
-        max_norm,
+        out_f32: setup.out_kind == Some(true),
+        norm: setup.norm,
+        max_norm: setup.max_norm,
+        copy_only: setup.copy_only,
     };
-    if write_back {
+    if setup.write_back {
         // In place, rows must be distinct within a call.
         let mut seen = rows[..count].to_vec();
         seen.sort_unstable();
@@ -86,7 +95,7 @@ fn run<T: Element>(
     }
     // SAFETY: rows below ROWS, slots distinct and inside `out_words`, one thread.
     unsafe { kernel(&job, rows, &slots, count) };
-    let out = match out_kind {
+    let out = match setup.out_kind {
         Some(_) => bytemuck::cast_slice::<u32, u8>(&out_words)[..out_len].to_vec(),
         None => Vec::new(),
     };
@@ -108,42 +117,47 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
             perm.extend(std::iter::repeat_n(0, PREFETCH_DISTANCE));
             for norm in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
                 for out_kind in [None, Some(false), Some(true)] {
-                    for (write_back, rows, count) in [
-                        (false, &dup_rows, ROWS * 2),
-                        (true, &perm, ROWS),
-                        (false, &perm, 0),
+                    for (write_back, copy_only, rows, count) in [
+                        (false, false, &dup_rows, ROWS * 2),
+                        (true, false, &perm, ROWS),
+                        (false, false, &perm, 0),
+                        (false, true, &dup_rows, ROWS * 2),
                     ] {
-                        let want = run(
-                            pick(&reference),
-                            &table,
-                            dim,
-                            rows,
-                            count,
+                        let setup = Setup {
                             norm,
                             write_back,
                             out_kind,
-                            1.0,
-                        );
-                        let got = run(
-                            pick(&k),
-                            &table,
-                            dim,
-                            rows,
-                            count,
-                            norm,
-                            write_back,
-                            out_kind,
-                            1.0,
-                        );
+                            max_norm: 1.0,
+                            copy_only,
+                        };
+                        let want = run(pick(&reference), &table, dim, rows, count, setup);
+                        let got = run(pick(&k), &table, dim, rows, count, setup);
                         assert_eq!(
                             got,
                             want,
-                            "{} {:?}, dim {dim}, {norm:?}, out {out_kind:?}, in place {write_back}",
+                            "{} {:?}, dim {dim}, {setup:?}",
                             k.name(),
                             T::DTYPE
                         );
                         if !write_back {
                             assert_eq!(got.0, bytes_of(&table), "table written out of place");
+                        }
+                        if copy_only && out_kind.is_some() {
+                            // A copy is the gather: the rows as they are, or widened.
+                            let plain: Vec<u8> = rows[..count]
+                                .iter()
+                                .rev()
+                                .flat_map(|&r| {
+                                    let row = &table[r * dim..(r + 1) * dim];
+                                    if out_kind == Some(true) {
+                                        let w: Vec<f32> = row.iter().map(|x| x.to_f32()).collect();
+                                        bytes_of(&w)
+                                    } else {
+                                        bytes_of(row)
+                                    }
+                                })
+                                .collect();
+                            assert_eq!(got.1, plain, "{} copy only, dim {dim}", k.name());
                         }
                     }
                 }
@@ -181,38 +195,15 @@ fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
         for isa in Isa::all_available() {
             let k = RenormKernels::for_isa(isa).unwrap();
             for out_kind in [None, Some(false), Some(true)] {
-                let args = (
-                    &row[..],
-                    dim,
-                    &rows[..],
-                    1,
-                    NormKind::L2,
-                    true,
+                let setup = Setup {
+                    norm: NormKind::L2,
+                    write_back: true,
                     out_kind,
                     max_norm,
-                );
-                let want = run(
-                    pick(&reference),
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    args.5,
-                    args.6,
-                    args.7,
-                );
-                let got = run(
-                    pick(&k),
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    args.5,
-                    args.6,
-                    args.7,
-                );
+                    copy_only: false,
+                };
+                let want = run(pick(&reference), &row, dim, &rows, 1, setup);
+                let got = run(pick(&k), &row, dim, &rows, 1, setup);
                 assert_eq!(got, want, "{} {:?} ties, dim {dim}", k.name(), T::DTYPE);
                 changed += usize::from(got.0 != bytes_of(&row));
             }
@@ -286,6 +277,7 @@ fn scalar_reference_is_the_plain_definition() {
         out_f32: true,
         norm: NormKind::L2,
         max_norm: 1.0,
+        copy_only: false,
     };
     // SAFETY: rows 1 and 0 of a 2-row table, distinct; slots 0 and 1 inside `out`.
     unsafe { scalar::renorm_rows::<f32>(&job, &[1, 0], &[0, 1], 2) };
