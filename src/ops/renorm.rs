@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
-use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn};
+use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn, COPY_SLOT};
 use crate::kernels::PREFETCH_DISTANCE;
 use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
@@ -182,13 +182,12 @@ impl Table<'_> {
             out_f32: conversion != Conversion::Copy,
             norm: NormKind::new(max_norm.norm_type),
             max_norm: max_norm.max_norm,
-            copy_only: false,
         };
         let run = |indices: &[I], out: &mut [u8]| {
             let job = job.with_out(out.as_mut_ptr());
             // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
             // (it is borrowed shared and `write_back` is false).
-            unsafe { renorm_serial(kernel, &job, out_row_bytes, indices, |_, _| true) }
+            unsafe { renorm_serial(kernel, &job, out_row_bytes, indices) }
         };
         match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
             None => run(indices, out),
@@ -220,50 +219,67 @@ fn kernel_for(kernels: &RenormKernels, dtype: DType) -> RenormRowsFn {
     }
 }
 
-/// Who renorms a row in place.
-enum Claim<'c> {
-    /// The first position to set the row's bit (shared between threads).
-    Shared(&'c RowClaims),
-    /// The first position seen (one thread, few indices over many rows).
-    Local(std::collections::HashSet<usize>),
+/// Which thread's part a row belongs to: a hash of the row's 64-row group (so that each
+/// word of the seen-bitset belongs to one part), mapped onto `0..parts` by a multiply.
+#[inline(always)]
+fn part_of(row: usize, parts: usize) -> usize {
+    let h = ((row >> 6) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((h * parts as u64) >> 32) as usize
 }
 
-impl Claim<'_> {
-    #[inline(always)]
-    fn claim(&mut self, row: usize) -> bool {
-        match self {
-            Claim::Shared(c) => c.claim(row),
-            Claim::Local(seen) => seen.insert(row),
+/// The rows already renormed in this call.
+enum Seen {
+    /// One bit per table row. Each 64-row word belongs to one part, so its thread alone reads
+    /// and writes it: relaxed loads and stores (plain moves), no read-modify-write.
+    Bits(Vec<AtomicU64>),
+    /// The rows seen, for one thread and few indices over many rows.
+    Set(std::collections::HashSet<usize>),
+}
+
+impl Seen {
+    fn new(rows: usize, indices: usize, parts: usize) -> Seen {
+        if parts == 1 && rows / 64 > 4 * indices + 4096 {
+            Seen::Set(std::collections::HashSet::with_capacity(indices))
+        } else {
+            Seen::Bits((0..rows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
         }
     }
 }
 
-/// One bit per table row, set by the first position that claims the row.
-struct RowClaims {
-    words: Vec<AtomicU64>,
+/// A thread's view of [`Seen`]: marks a row and tells whether it was the first time.
+struct SeenPart<'s>(SeenRef<'s>);
+
+enum SeenRef<'s> {
+    Bits(&'s [AtomicU64]),
+    Set(&'s mut std::collections::HashSet<usize>),
 }
 
-impl RowClaims {
-    fn new(rows: usize) -> RowClaims {
-        RowClaims {
-            words: (0..rows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Whether this call is the first to claim `row`. Relaxed suffices: the bit decides only
-    /// who renorms the row; the rows themselves are published to other positions by the join
-    /// that ends the renorm phase.
+impl SeenPart<'_> {
     #[inline(always)]
-    fn claim(&self, row: usize) -> bool {
-        let word = &self.words[row / 64];
-        let bit = 1u64 << (row % 64);
-        // A plain load first: rows already claimed (the duplicates) skip the atomic write.
-        word.load(Ordering::Relaxed) & bit == 0 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    fn first(&mut self, row: usize) -> bool {
+        match &mut self.0 {
+            SeenRef::Bits(words) => {
+                let word = &words[row / 64];
+                let bit = 1u64 << (row % 64);
+                // Only this thread touches this word (see `Seen::Bits`).
+                let w = word.load(Ordering::Relaxed);
+                word.store(w | bit, Ordering::Relaxed);
+                w & bit == 0
+            }
+            SeenRef::Set(set) => set.insert(row),
+        }
     }
 }
 
 /// The in-place renorm (and lookup, when `out` is given) for validated indices on a writable
-/// table: claim and renorm in parallel, then copy the rows of unclaimed positions.
+/// table.
+///
+/// The rows are split into parts, one per thread, by [`part_of`]. Each thread walks all the
+/// positions (from its own starting point, wrapping around) and takes those whose row is in
+/// its part: the first position of a row
+/// renorms it (table and output slot), later positions copy the renormed row from the table,
+/// which the same thread wrote before. So each row is read and written by one thread only,
+/// with no atomic read-modify-write, no waiting and no second pass.
 fn renorm_in_place_validated<I: Index>(
     table: &mut Table<'_>,
     indices: &[I],
@@ -277,11 +293,13 @@ fn renorm_in_place_validated<I: Index>(
         return;
     }
     let kernel = kernel_for(&RenormKernels::detect(), table.dtype());
-    let (mut out, conversion) = match out {
-        Some((o, c)) => (Some(o), c),
-        None => (None, Conversion::Copy),
+    let (out, out_row_bytes, conversion) = match out {
+        Some((o, c)) => {
+            let orb = o.len() / indices.len();
+            (o.as_mut_ptr(), orb, c)
+        }
+        None => (std::ptr::null_mut(), 0, Conversion::Copy),
     };
-    let out_row_bytes = out.as_ref().map_or(0, |o| o.len() / indices.len());
     let job = RenormJob {
         table: table
             .bytes_mut()
@@ -289,156 +307,128 @@ fn renorm_in_place_validated<I: Index>(
             .as_mut_ptr(),
         dim,
         write_back: true,
-        out: std::ptr::null_mut(),
+        out,
         out_f32: conversion != Conversion::Copy,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
-        copy_only: false,
     };
-    let chunk = parallel::chunk_items(indices.len(), row_bytes + out_row_bytes);
-
-    // Phase 1: renorm each distinct row once, into the table and the claiming position's slot.
-    let owned: Vec<Vec<u64>> = match chunk {
-        None => {
-            // One thread: a bitset over the rows unless the table is much larger than the
-            // batch, then a hash set of the rows seen.
-            let dense;
-            let mut claim = if rows / 64 <= 4 * indices.len() + 4096 {
-                dense = RowClaims::new(rows);
-                Claim::Shared(&dense)
-            } else {
-                Claim::Local(std::collections::HashSet::with_capacity(indices.len()))
-            };
-            let mut owned = vec![0u64; indices.len().div_ceil(64)];
-            let job = RenormJob {
-                out: out
-                    .as_mut()
-                    .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-                ..job
-            };
-            // SAFETY: indices validated; `out` (if any) holds a row per index; one thread, and
-            // the claims give each row to one position only.
-            unsafe {
-                renorm_serial(kernel, &job, out_row_bytes, indices, |p, r| {
-                    claim_position(&mut claim, &mut owned, p, r)
-                })
-            };
-            vec![owned]
+    let parts = match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
+        None => 1,
+        Some(_) => rayon::current_num_threads(),
+    };
+    let mut seen = Seen::new(rows, indices.len(), parts);
+    let run = |part: usize, seen: SeenRef<'_>| {
+        // SAFETY: indices validated; `job.out` (if any) holds a row per index; the part
+        // gives this thread every position of its rows and no other, so no row is touched
+        // by two threads, and within the thread each row's first entry renorms it before
+        // the later ones copy it.
+        unsafe { renorm_part(kernel, &job, indices, part, parts, SeenPart(seen)) }
+    };
+    match &mut seen {
+        Seen::Set(set) => run(0, SeenRef::Set(set)),
+        Seen::Bits(words) if parts == 1 => run(0, SeenRef::Bits(words)),
+        Seen::Bits(words) => {
+            let words: &[AtomicU64] = words;
+            (0..parts)
+                .into_par_iter()
+                .for_each(|part| run(part, SeenRef::Bits(words)));
         }
-        Some(chunk) => {
-            let claims = RowClaims::new(rows);
-            let run = |indices: &[I], out: *mut u8| {
-                let mut owned = vec![0u64; indices.len().div_ceil(64)];
-                let job = job.with_out(out);
-                let mut claim = Claim::Shared(&claims);
-                // SAFETY: indices validated; `out` (if any) holds a row per index of this
-                // chunk; the shared claims give each row to exactly one position of one
-                // thread, so no row is read or written by two threads.
-                unsafe {
-                    renorm_serial(kernel, &job, out_row_bytes, indices, |p, r| {
-                        claim_position(&mut claim, &mut owned, p, r)
-                    })
-                };
-                owned
-            };
-            match out {
-                Some(ref mut o) => o
-                    .par_chunks_mut(chunk * out_row_bytes)
-                    .zip(indices.par_chunks(chunk))
-                    .map(|(o, idx)| run(idx, o.as_mut_ptr()))
-                    .collect(),
-                None => indices
-                    .par_chunks(chunk)
-                    .map(|idx| run(idx, std::ptr::null_mut()))
-                    .collect(),
-            }
-        }
-    };
-
-    // Phase 2: positions that did not claim their row copy it, renormed, from the table.
-    // Every row was written in phase 1, which the join has ended; now the table is only read.
-    let Some(out) = out else { return };
-    let copy = RenormJob {
-        copy_only: true,
-        write_back: false,
-        ..job
-    };
-    let copy_unowned = |indices: &[I], out: &mut [u8], owned: &[u64]| {
-        let job = copy.with_out(out.as_mut_ptr());
-        // SAFETY: indices validated; `out` holds a row per index of this chunk; nothing writes
-        // the table any more (`copy_only`).
-        unsafe {
-            renorm_serial(kernel, &job, out_row_bytes, indices, |p, _| {
-                owned[p / 64] >> (p % 64) & 1 == 0
-            })
-        };
-    };
-    match chunk {
-        None => copy_unowned(indices, out, &owned[0]),
-        Some(chunk) => out
-            .par_chunks_mut(chunk * out_row_bytes)
-            .zip(indices.par_chunks(chunk))
-            .zip(owned.par_iter())
-            .for_each(|((o, idx), owned)| copy_unowned(idx, o, owned)),
     }
 }
 
-/// Claim `row` for position `p`; record the position as the row's owner when it wins.
-#[inline(always)]
-fn claim_position(claim: &mut Claim<'_>, owned: &mut [u64], p: usize, row: usize) -> bool {
-    let won = claim.claim(row);
-    if won {
-        owned[p / 64] |= 1 << (p % 64);
-    }
-    won
-}
+/// Positions gathered per part before the kernel runs over them.
+const WINDOW: usize = 4096;
 
-/// The block loop on one thread: `select(position, row)` picks the positions of a block to
-/// hand to the kernel (all of them, the claiming ones, or the unclaimed ones), with the next
-/// positions' rows for prefetching.
+/// One thread's share of an in-place renorm: the positions whose row is in `part`.
 ///
 /// # Safety
-/// `indices` are validated against the table of `job`; `job.out` is null or holds a row of
-/// `out_row_bytes` per index; when `job.write_back`, `select` gives no row to two positions
-/// running at the same time, and otherwise nothing writes the selected rows.
+/// `indices` are validated against the table of `job`; `job.out` is null or holds a row per
+/// index; no other thread works on `part` of the same call, and every other thread's part
+/// differs.
+unsafe fn renorm_part<I: Index>(
+    kernel: RenormRowsFn,
+    job: &RenormJob,
+    indices: &[I],
+    part: usize,
+    parts: usize,
+    mut seen: SeenPart<'_>,
+) {
+    let mut rows = vec![0usize; WINDOW];
+    let mut slots = vec![0usize; WINDOW];
+    let with_out = !job.out.is_null();
+    // Each part starts at its own offset and wraps around, so that two threads do not write
+    // neighbouring output rows (which may share a cache line) at the same moment.
+    let n = indices.len();
+    let start = part * (n / parts);
+    let mut positions = (start..n).chain(0..start).peekable();
+    while positions.peek().is_some() {
+        // Collect up to WINDOW positions of this part.
+        let mut m = 0;
+        for p in positions.by_ref() {
+            // Validated: 0 <= i < rows, so the wrapped value is the row number.
+            let r = indices[p].as_wrapped_u64() as usize;
+            if parts == 1 || part_of(r, parts) == part {
+                if seen.first(r) {
+                    rows[m] = r;
+                    slots[m] = p;
+                    m += 1;
+                } else if with_out {
+                    rows[m] = r;
+                    slots[m] = p | COPY_SLOT;
+                    m += 1;
+                }
+                if m == WINDOW {
+                    break;
+                }
+            }
+        }
+        // Run the kernel over them in blocks, prefetching across block boundaries.
+        let mut b = 0;
+        while b < m {
+            let count = BLOCK.min(m - b);
+            let ahead = (b + count + PREFETCH_DISTANCE).min(m);
+            // SAFETY: the caller's contract; entries without COPY_SLOT are each row's first
+            // in this call, and copies follow their row's first entry in this thread.
+            unsafe { kernel(job, &rows[b..ahead], &slots[b..b + count], count) };
+            b += count;
+        }
+    }
+}
+
+/// The output-only block loop on one thread: every position renorms its own row into its
+/// output slot, with the next positions' rows prefetched across block boundaries.
+///
+/// # Safety
+/// `indices` are validated against the table of `job`; `job.out` holds a row of
+/// `out_row_bytes` per index; `job.write_back` is false.
 unsafe fn renorm_serial<I: Index>(
     kernel: RenormRowsFn,
     job: &RenormJob,
     out_row_bytes: usize,
     indices: &[I],
-    mut select: impl FnMut(usize, usize) -> bool,
 ) {
     let mut rows = [0usize; BLOCK + PREFETCH_DISTANCE];
-    let mut slots = [0usize; BLOCK];
+    let slots: [usize; BLOCK] = std::array::from_fn(|i| i);
     let n = indices.len();
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
-        let mut m = 0;
-        for (p, &i) in indices[start..end].iter().enumerate() {
-            // Validated: 0 <= i < rows, so the wrapped value is the row number.
-            let r = i.as_wrapped_u64() as usize;
-            if select(start + p, r) {
-                rows[m] = r;
-                slots[m] = p;
-                m += 1;
-            }
-        }
         let ahead_end = (end + PREFETCH_DISTANCE).min(n);
-        for (k, &i) in indices[end..ahead_end].iter().enumerate() {
-            rows[m + k] = i.as_wrapped_u64() as usize;
+        for (r, &i) in rows.iter_mut().zip(&indices[start..ahead_end]) {
+            // Validated: 0 <= i < rows, so the wrapped value is the row number.
+            *r = i.as_wrapped_u64() as usize;
         }
-        let block_job = RenormJob {
-            out: if job.out.is_null() {
-                job.out
-            } else {
-                job.out.wrapping_add(start * out_row_bytes)
-            },
-            ..*job
+        let block_job = job.with_out(job.out.wrapping_add(start * out_row_bytes));
+        // SAFETY: the caller's contract: rows validated, `end - start` slots inside this
+        // block's output rows, nothing writes the table.
+        unsafe {
+            kernel(
+                &block_job,
+                &rows[..ahead_end - start],
+                &slots[..end - start],
+                end - start,
+            )
         };
-        // SAFETY: the caller's contract: rows validated, `count = m` slots inside this
-        // block's output rows and distinct, claimed rows owned by this position alone.
-        unsafe { kernel(&block_job, &rows[..m + ahead_end - end], &slots[..m], m) };
         start = end;
     }
 }

@@ -75,10 +75,11 @@ pub struct RenormJob {
     pub norm: NormKind,
     /// Rows whose norm exceeds this are rescaled.
     pub max_norm: f64,
-    /// Only copy (or widen) the rows to their slots, no norm: the second phase of an
-    /// in-place lookup, for positions whose row another position renormed.
-    pub copy_only: bool,
 }
+
+/// Set in a slot to copy (or widen) the row to the output as it is, without a norm: for a
+/// position whose row an earlier entry of the same thread has already renormed in place.
+pub const COPY_SLOT: usize = 1 << (usize::BITS - 1);
 
 impl RenormJob {
     /// The same job writing its output rows from `out`.
@@ -93,7 +94,8 @@ unsafe impl Send for RenormJob {}
 // SAFETY: as above.
 unsafe impl Sync for RenormJob {}
 
-/// Renorm the first `count` rows of `rows` into output slots `slots[..count]`.
+/// Renorm the first `count` rows of `rows` into output slots `slots[..count]` (a slot with
+/// [`COPY_SLOT`] set only copies its row).
 ///
 /// # Safety
 /// - Every `rows[i]` (all of them: entries past `count` are only prefetched) is below the
@@ -101,10 +103,12 @@ unsafe impl Sync for RenormJob {}
 ///   the kernel's dtype.
 /// - `count <= rows.len()` and `count <= slots.len()`.
 /// - Unless `job.out` is null, it is valid for writes of `max(slots[..count]) + 1` output rows
-///   (`job.dim` elements of f32 when `job.out_f32`, of the table's dtype otherwise), and the
-///   slots are distinct.
-/// - If `job.write_back` (and not `job.copy_only`), `rows[..count]` are distinct, the table is writable, and no other
-///   thread reads or writes these rows during the call; otherwise no thread writes them.
+///   (slots taken without [`COPY_SLOT`]; `job.dim` elements of f32 when `job.out_f32`, of the
+///   table's dtype otherwise), and the slots are distinct. If `job.out` is null, no slot has
+///   [`COPY_SLOT`].
+/// - If `job.write_back`, the rows of entries without [`COPY_SLOT`] are distinct, the table
+///   is writable, and no other thread reads or writes these rows during the call; otherwise
+///   no thread writes the rows during the call.
 /// - The CPU supports the kernel's instruction set.
 pub type RenormRowsFn = unsafe fn(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize);
 
@@ -282,15 +286,14 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
         unsafe {
             let r = *rows.get_unchecked(k);
             let src = base.add(r * row_bytes) as *mut T;
+            let slot = *slots.get_unchecked(k);
             let out = if job.out.is_null() {
                 std::ptr::null_mut()
             } else {
-                job.out.add(*slots.get_unchecked(k) * out_row_bytes)
+                job.out.add((slot & !COPY_SLOT) * out_row_bytes)
             };
-            if job.copy_only {
-                if !out.is_null() {
-                    O::copy(src, dim, out, job.out_f32);
-                }
+            if slot & COPY_SLOT != 0 {
+                O::copy(src, dim, out, job.out_f32);
                 continue;
             }
             let norm = match job.norm {
