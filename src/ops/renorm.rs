@@ -42,8 +42,13 @@ use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
 use crate::table::Table;
 
-/// Positions claimed and handed to a kernel at a time.
+/// Positions handed to a kernel at a time.
 const BLOCK: usize = 256;
+
+/// Outputs at least this large are written with non-temporal stores (where the kernels have
+/// them): larger than the last-level caches of most CPUs, such an output would not stay in
+/// cache anyway, and streaming saves reading every output line before writing it.
+const STREAM_OUTPUT_BYTES: usize = 32 << 20;
 
 /// The `max_norm` and `norm_type` of a renorm, validated: `max_norm > 0` (not NaN; `inf`
 /// allowed and never rescales), `norm_type > 0` (not NaN; `inf` allowed).
@@ -66,8 +71,7 @@ pub struct MaxNorm {
 impl MaxNorm {
     /// A renorm to `max_norm` in the 2-norm (PyTorch's default `norm_type`).
     pub fn new(max_norm: f64) -> Result<MaxNorm> {
-        // Written so that NaN fails too.
-        if !(max_norm > 0.0) {
+        if max_norm.is_nan() || max_norm <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "max_norm must be greater than 0, got {max_norm}"
             )));
@@ -80,7 +84,7 @@ impl MaxNorm {
 
     /// The same renorm in the `norm_type`-norm (`p > 0`, `f64::INFINITY` for the max norm).
     pub fn with_norm_type(self, norm_type: f64) -> Result<MaxNorm> {
-        if !(norm_type > 0.0) {
+        if norm_type.is_nan() || norm_type <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "norm_type must be greater than 0 (or inf), got {norm_type}"
             )));
@@ -182,6 +186,7 @@ impl Table<'_> {
             out_f32: conversion != Conversion::Copy,
             norm: NormKind::new(max_norm.norm_type),
             max_norm: max_norm.max_norm,
+            stream: out.len() >= STREAM_OUTPUT_BYTES,
         };
         let run = |indices: &[I], out: &mut [u8]| {
             let job = job.with_out(out.as_mut_ptr());
@@ -311,6 +316,7 @@ fn renorm_in_place_validated<I: Index>(
         out_f32: conversion != Conversion::Copy,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
+        stream: out_row_bytes * indices.len() >= STREAM_OUTPUT_BYTES,
     };
     let parts = match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
         None => 1,
