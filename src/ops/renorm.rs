@@ -45,11 +45,6 @@ use crate::table::Table;
 /// Positions handed to a kernel at a time.
 const BLOCK: usize = 256;
 
-/// Outputs at least this large are written with non-temporal stores (where the kernels have
-/// them): larger than the last-level caches of most CPUs, such an output would not stay in
-/// cache anyway, and streaming saves reading every output line before writing it.
-const STREAM_OUTPUT_BYTES: usize = 32 << 20;
-
 /// The `max_norm` and `norm_type` of a renorm, validated: `max_norm > 0` (not NaN; `inf`
 /// allowed and never rescales), `norm_type > 0` (not NaN; `inf` allowed).
 ///
@@ -186,13 +181,12 @@ impl Table<'_> {
             out_f32: conversion != Conversion::Copy,
             norm: NormKind::new(max_norm.norm_type),
             max_norm: max_norm.max_norm,
-            stream: out.len() >= STREAM_OUTPUT_BYTES,
         };
         let run = |indices: &[I], out: &mut [u8]| {
             let job = job.with_out(out.as_mut_ptr());
             // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
-            // (it is borrowed shared and `write_back` is false).
-            unsafe { renorm_serial(kernel, &job, out_row_bytes, indices) }
+            // (it is borrowed shared and `write_back` is false); no copies.
+            unsafe { run_blocks(kernel, &job, out_row_bytes, indices, |_, _| Some(0)) }
         };
         match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
             None => run(indices, out),
@@ -224,67 +218,68 @@ fn kernel_for(kernels: &RenormKernels, dtype: DType) -> RenormRowsFn {
     }
 }
 
-/// Which thread's part a row belongs to: a hash of the row's 64-row group (so that each
-/// word of the seen-bitset belongs to one part), mapped onto `0..parts` by a multiply.
-#[inline(always)]
-fn part_of(row: usize, parts: usize) -> usize {
-    let h = ((row >> 6) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    ((h * parts as u64) >> 32) as usize
-}
-
-/// The rows already renormed in this call.
+/// The rows already renormed by a one-thread call.
 enum Seen {
-    /// One bit per table row. Each 64-row word belongs to one part, so its thread alone reads
-    /// and writes it: relaxed loads and stores (plain moves), no read-modify-write.
-    Bits(Vec<AtomicU64>),
-    /// The rows seen, for one thread and few indices over many rows.
+    /// One bit per table row.
+    Bits(Vec<u64>),
+    /// The rows seen, for few indices over many rows.
     Set(std::collections::HashSet<usize>),
 }
 
 impl Seen {
-    fn new(rows: usize, indices: usize, parts: usize) -> Seen {
-        if parts == 1 && rows / 64 > 4 * indices + 4096 {
+    fn new(rows: usize, indices: usize) -> Seen {
+        if rows / 64 > 4 * indices + 4096 {
             Seen::Set(std::collections::HashSet::with_capacity(indices))
         } else {
-            Seen::Bits((0..rows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            Seen::Bits(vec![0; rows.div_ceil(64)])
+        }
+    }
+
+    /// Mark `row`; whether it was the first time.
+    #[inline(always)]
+    fn first(&mut self, row: usize) -> bool {
+        match self {
+            Seen::Bits(words) => {
+                let bit = 1u64 << (row % 64);
+                let w = words[row / 64];
+                words[row / 64] = w | bit;
+                w & bit == 0
+            }
+            Seen::Set(set) => set.insert(row),
         }
     }
 }
 
-/// A thread's view of [`Seen`]: marks a row and tells whether it was the first time.
-struct SeenPart<'s>(SeenRef<'s>);
+/// One bit per table row, set by the first position to claim the row (several threads).
+struct RowClaims(Vec<AtomicU64>);
 
-enum SeenRef<'s> {
-    Bits(&'s [AtomicU64]),
-    Set(&'s mut std::collections::HashSet<usize>),
-}
+impl RowClaims {
+    fn new(rows: usize) -> RowClaims {
+        RowClaims((0..rows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
 
-impl SeenPart<'_> {
+    /// Whether this call is the first to claim `row`. Relaxed suffices: the bit only decides
+    /// who renorms the row; the renormed rows reach the other positions through the join that
+    /// ends the first phase.
     #[inline(always)]
-    fn first(&mut self, row: usize) -> bool {
-        match &mut self.0 {
-            SeenRef::Bits(words) => {
-                let word = &words[row / 64];
-                let bit = 1u64 << (row % 64);
-                // Only this thread touches this word (see `Seen::Bits`).
-                let w = word.load(Ordering::Relaxed);
-                word.store(w | bit, Ordering::Relaxed);
-                w & bit == 0
-            }
-            SeenRef::Set(set) => set.insert(row),
-        }
+    fn claim(&self, row: usize) -> bool {
+        let word = &self.0[row / 64];
+        let bit = 1u64 << (row % 64);
+        // A plain load first: duplicates skip the read-modify-write.
+        word.load(Ordering::Relaxed) & bit == 0 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
 }
 
 /// The in-place renorm (and lookup, when `out` is given) for validated indices on a writable
 /// table.
 ///
-/// The rows are split into parts, one per thread, by [`part_of`]. Each thread walks all the
-/// positions (from its own starting point, wrapping around) and takes those whose row is in
-/// its part: the first position of a row
-/// renorms it (table and output slot), later positions copy the renormed row from the table,
-/// which the same thread wrote before. So each row is read and written by one thread only,
-/// with no atomic read-modify-write, no waiting and no second pass.
+/// On one thread, a single pass: the first position of a row renorms it (table and output
+/// slot), later positions copy the renormed row from the table.
+///
+/// On several threads, each takes a contiguous chunk of positions (and so of the output, which
+/// threads then never share). Phase 1: a position renorms its row if it wins the row's claim
+/// in a shared bitset, so each row is read and written by one thread only. Phase 2, after the
+/// join: the positions that lost their claim copy the renormed row from the table.
 fn renorm_in_place_validated<I: Index>(
     table: &mut Table<'_>,
     indices: &[I],
@@ -298,13 +293,11 @@ fn renorm_in_place_validated<I: Index>(
         return;
     }
     let kernel = kernel_for(&RenormKernels::detect(), table.dtype());
-    let (out, out_row_bytes, conversion) = match out {
-        Some((o, c)) => {
-            let orb = o.len() / indices.len();
-            (o.as_mut_ptr(), orb, c)
-        }
-        None => (std::ptr::null_mut(), 0, Conversion::Copy),
+    let (mut out, conversion) = match out {
+        Some((o, c)) => (Some(o), c),
+        None => (None, Conversion::Copy),
     };
+    let out_row_bytes = out.as_ref().map_or(0, |o| o.len() / indices.len());
     let job = RenormJob {
         table: table
             .bytes_mut()
@@ -312,129 +305,121 @@ fn renorm_in_place_validated<I: Index>(
             .as_mut_ptr(),
         dim,
         write_back: true,
-        out,
+        out: out
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         out_f32: conversion != Conversion::Copy,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
-        stream: out_row_bytes * indices.len() >= STREAM_OUTPUT_BYTES,
     };
-    let parts = match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
-        None => 1,
-        Some(_) => rayon::current_num_threads(),
-    };
-    let mut seen = Seen::new(rows, indices.len(), parts);
-    let run = |part: usize, seen: SeenRef<'_>| {
-        // SAFETY: indices validated; `job.out` (if any) holds a row per index; the part
-        // gives this thread every position of its rows and no other, so no row is touched
-        // by two threads, and within the thread each row's first entry renorms it before
-        // the later ones copy it.
-        unsafe { renorm_part(kernel, &job, indices, part, parts, SeenPart(seen)) }
-    };
-    match &mut seen {
-        Seen::Set(set) => run(0, SeenRef::Set(set)),
-        Seen::Bits(words) if parts == 1 => run(0, SeenRef::Bits(words)),
-        Seen::Bits(words) => {
-            let words: &[AtomicU64] = words;
-            (0..parts)
-                .into_par_iter()
-                .for_each(|part| run(part, SeenRef::Bits(words)));
-        }
-    }
-}
-
-/// Positions gathered per part before the kernel runs over them.
-const WINDOW: usize = 4096;
-
-/// One thread's share of an in-place renorm: the positions whose row is in `part`.
-///
-/// # Safety
-/// `indices` are validated against the table of `job`; `job.out` is null or holds a row per
-/// index; no other thread works on `part` of the same call, and every other thread's part
-/// differs.
-unsafe fn renorm_part<I: Index>(
-    kernel: RenormRowsFn,
-    job: &RenormJob,
-    indices: &[I],
-    part: usize,
-    parts: usize,
-    mut seen: SeenPart<'_>,
-) {
-    let mut rows = vec![0usize; WINDOW];
-    let mut slots = vec![0usize; WINDOW];
-    let with_out = !job.out.is_null();
-    // Each part starts at its own offset and wraps around, so that two threads do not write
-    // neighbouring output rows (which may share a cache line) at the same moment.
-    let n = indices.len();
-    let start = part * (n / parts);
-    let mut positions = (start..n).chain(0..start).peekable();
-    while positions.peek().is_some() {
-        // Collect up to WINDOW positions of this part.
-        let mut m = 0;
-        for p in positions.by_ref() {
-            // Validated: 0 <= i < rows, so the wrapped value is the row number.
-            let r = indices[p].as_wrapped_u64() as usize;
-            if parts == 1 || part_of(r, parts) == part {
+    let with_out = out.is_some();
+    let Some(chunk) = parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) else {
+        let mut seen = Seen::new(rows, indices.len());
+        // SAFETY: indices validated; `job.out` (if any) holds a row per index; one thread; a
+        // row's first entry renorms it and its later entries (copies) follow it.
+        unsafe {
+            run_blocks(kernel, &job, out_row_bytes, indices, |_, r| {
                 if seen.first(r) {
-                    rows[m] = r;
-                    slots[m] = p;
-                    m += 1;
-                } else if with_out {
-                    rows[m] = r;
-                    slots[m] = p | COPY_SLOT;
-                    m += 1;
+                    Some(0)
+                } else {
+                    with_out.then_some(COPY_SLOT)
                 }
-                if m == WINDOW {
-                    break;
-                }
-            }
-        }
-        // Run the kernel over them in blocks, prefetching across block boundaries.
-        let mut b = 0;
-        while b < m {
-            let count = BLOCK.min(m - b);
-            let ahead = (b + count + PREFETCH_DISTANCE).min(m);
-            // SAFETY: the caller's contract; entries without COPY_SLOT are each row's first
-            // in this call, and copies follow their row's first entry in this thread.
-            unsafe { kernel(job, &rows[b..ahead], &slots[b..b + count], count) };
-            b += count;
-        }
-    }
+            })
+        };
+        return;
+    };
+
+    // Phase 1: each distinct row renormed once, by the position that claims it.
+    let claims = RowClaims::new(rows);
+    let phase1 = |indices: &[I], out: *mut u8| {
+        let mut owned = vec![0u64; indices.len().div_ceil(64)];
+        let job = job.with_out(out);
+        // SAFETY: indices validated; `out` (if any) holds a row per index of this chunk; the
+        // claims give each row to one position of one thread, so no row is touched by two
+        // threads.
+        unsafe {
+            run_blocks(kernel, &job, out_row_bytes, indices, |p, r| {
+                claims.claim(r).then(|| {
+                    owned[p / 64] |= 1 << (p % 64);
+                    0
+                })
+            })
+        };
+        owned
+    };
+    let owned: Vec<Vec<u64>> = match out {
+        Some(ref mut o) => o
+            .par_chunks_mut(chunk * out_row_bytes)
+            .zip(indices.par_chunks(chunk))
+            .map(|(o, idx)| phase1(idx, o.as_mut_ptr()))
+            .collect(),
+        None => indices
+            .par_chunks(chunk)
+            .map(|idx| phase1(idx, std::ptr::null_mut()))
+            .collect(),
+    };
+
+    // Phase 2: the other positions copy their (renormed) row from the table.
+    let Some(out) = out else { return };
+    out.par_chunks_mut(chunk * out_row_bytes)
+        .zip(indices.par_chunks(chunk))
+        .zip(owned.par_iter())
+        .for_each(|((o, idx), owned)| {
+            let job = job.with_out(o.as_mut_ptr());
+            // SAFETY: indices validated; `o` holds a row per index of this chunk; copy entries
+            // only read the table, which nothing writes any more.
+            unsafe {
+                run_blocks(kernel, &job, out_row_bytes, idx, |p, _| {
+                    (owned[p / 64] >> (p % 64) & 1 == 0).then_some(COPY_SLOT)
+                })
+            };
+        });
 }
 
-/// The output-only block loop on one thread: every position renorms its own row into its
-/// output slot, with the next positions' rows prefetched across block boundaries.
+/// The block loop on one thread: `select(position, row)` picks the positions handed to the
+/// kernel, with their slot flag (`0` to renorm, [`COPY_SLOT`] to copy); the rows of the next
+/// positions go along for prefetching. `job.out` is the output row of position 0.
 ///
 /// # Safety
-/// `indices` are validated against the table of `job`; `job.out` holds a row of
-/// `out_row_bytes` per index; `job.write_back` is false.
-unsafe fn renorm_serial<I: Index>(
+/// `indices` are validated against the table of `job`; `job.out` is null or holds a row of
+/// `out_row_bytes` per index (and then [`COPY_SLOT`] may be selected); the selected entries
+/// satisfy [`RenormRowsFn`]'s contract: in place, a renorm entry's row is touched by no other
+/// thread during the call, and a copy entry's row was renormed before (or is not renormed in
+/// this call).
+unsafe fn run_blocks<I: Index>(
     kernel: RenormRowsFn,
     job: &RenormJob,
     out_row_bytes: usize,
     indices: &[I],
+    mut select: impl FnMut(usize, usize) -> Option<usize>,
 ) {
     let mut rows = [0usize; BLOCK + PREFETCH_DISTANCE];
-    let slots: [usize; BLOCK] = std::array::from_fn(|i| i);
+    let mut slots = [0usize; BLOCK];
     let n = indices.len();
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
-        let ahead_end = (end + PREFETCH_DISTANCE).min(n);
-        for (r, &i) in rows.iter_mut().zip(&indices[start..ahead_end]) {
+        let mut m = 0;
+        for (p, &i) in indices[start..end].iter().enumerate() {
             // Validated: 0 <= i < rows, so the wrapped value is the row number.
-            *r = i.as_wrapped_u64() as usize;
+            let r = i.as_wrapped_u64() as usize;
+            if let Some(flag) = select(start + p, r) {
+                rows[m] = r;
+                slots[m] = p | flag;
+                m += 1;
+            }
         }
-        let block_job = job.with_out(job.out.wrapping_add(start * out_row_bytes));
-        // SAFETY: the caller's contract: rows validated, `end - start` slots inside this
-        // block's output rows, nothing writes the table.
-        unsafe {
-            kernel(
-                &block_job,
-                &rows[..ahead_end - start],
-                &slots[..end - start],
-                end - start,
-            )
-        };
+        let ahead_end = (end + PREFETCH_DISTANCE).min(n);
+        for (k, &i) in indices[end..ahead_end].iter().enumerate() {
+            rows[m + k] = i.as_wrapped_u64() as usize;
+        }
+        let block_job = job.with_out(if job.out.is_null() {
+            job.out
+        } else {
+            job.out.wrapping_add(start * out_row_bytes)
+        });
+        // SAFETY: the caller's contract; `m` slots inside this block's output rows, distinct.
+        unsafe { kernel(&block_job, &rows[..m + ahead_end - end], &slots[..m], m) };
         start = end;
     }
 }

@@ -190,7 +190,6 @@ unsafe impl<T: Lanes8> RowOps<T> for Avx2 {
         table: *mut T,
         out: *mut u8,
         out_f32: bool,
-        _stream: bool,
     ) {
         let out_size = if out_f32 { 4 } else { std::mem::size_of::<T>() };
         // SAFETY: every access stays within `j..dim`; each chunk is loaded before it is
@@ -223,14 +222,13 @@ unsafe impl<T: Lanes8> RowOps<T> for Avx2 {
                     t,
                     o,
                     out_f32,
-                    false,
                 );
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool, _stream: bool) {
+    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool) {
         // SAFETY: the caller makes both pointers valid for `dim` elements.
         unsafe {
             if !out_f32 || std::mem::size_of::<T>() == 4 {

@@ -36,12 +36,13 @@ pub(super) unsafe fn renorm_bf16(job: &RenormJob, rows: &[usize], slots: &[usize
 /// # Safety
 /// Called only from functions compiled with AVX-512 F, BW, VL and F16C.
 unsafe trait Lanes16: Element {
-    /// Load 16 elements (`mask` selects which; the others read as zero), widened exactly.
+    /// Load 16 elements (`mask` selects which; the others read as zero).
     unsafe fn load(src: *const Self, mask: __mmask16) -> __m512;
-    /// Round 16 f32 lanes to this dtype (to nearest even), returned widened back to f32.
-    unsafe fn round(v: __m512) -> __m512;
-    /// Store 16 lanes already representable in this dtype (the `mask`ed ones) as this dtype.
-    unsafe fn store(v: __m512, mask: __mmask16, dst: *mut Self);
+    /// Round 16 f32 lanes to this dtype and store the `mask`ed ones to `table` (unless null)
+    /// and to `out` (unless null) as this dtype or, when `out_f32`, widened back to f32.
+    unsafe fn store(v: __m512, mask: __mmask16, table: *mut Self, out: *mut u8, out_f32: bool);
+    /// Copy 16 elements (the `mask`ed ones) as they are or widened.
+    unsafe fn copy(src: *const Self, mask: __mmask16, out: *mut u8, out_f32: bool);
 }
 
 // SAFETY: only AVX-512 F instructions, called from functions compiled with them.
@@ -52,13 +53,21 @@ unsafe impl Lanes16 for f32 {
         unsafe { _mm512_maskz_loadu_ps(mask, src) }
     }
     #[inline(always)]
-    unsafe fn round(v: __m512) -> __m512 {
-        v
+    unsafe fn store(v: __m512, mask: __mmask16, table: *mut f32, out: *mut u8, _out_f32: bool) {
+        // SAFETY: as for `load`, for writes.
+        unsafe {
+            if !table.is_null() {
+                _mm512_mask_storeu_ps(table, mask, v);
+            }
+            if !out.is_null() {
+                _mm512_mask_storeu_ps(out as *mut f32, mask, v);
+            }
+        }
     }
     #[inline(always)]
-    unsafe fn store(v: __m512, mask: __mmask16, dst: *mut f32) {
-        // SAFETY: as for `load`, for writes.
-        unsafe { _mm512_mask_storeu_ps(dst, mask, v) }
+    unsafe fn copy(src: *const f32, mask: __mmask16, out: *mut u8, _out_f32: bool) {
+        // SAFETY: as for `load` and `store`.
+        unsafe { _mm512_mask_storeu_ps(out as *mut f32, mask, _mm512_maskz_loadu_ps(mask, src)) }
     }
 }
 
@@ -70,21 +79,32 @@ unsafe impl Lanes16 for f16 {
         unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src as *const i16)) }
     }
     #[inline(always)]
-    unsafe fn round(v: __m512) -> __m512 {
-        // SAFETY: the caller is compiled with AVX-512 F.
+    unsafe fn store(v: __m512, mask: __mmask16, table: *mut f16, out: *mut u8, out_f32: bool) {
+        // SAFETY: masked-off lanes are not accessed; the caller is compiled with AVX-512 F.
         unsafe {
-            _mm512_cvtph_ps(_mm512_cvtps_ph::<
-                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-            >(v))
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            if !table.is_null() {
+                _mm256_mask_storeu_epi16(table as *mut i16, mask, h);
+            }
+            if !out.is_null() {
+                if out_f32 {
+                    _mm512_mask_storeu_ps(out as *mut f32, mask, _mm512_cvtph_ps(h));
+                } else {
+                    _mm256_mask_storeu_epi16(out as *mut i16, mask, h);
+                }
+            }
         }
     }
     #[inline(always)]
-    unsafe fn store(v: __m512, mask: __mmask16, dst: *mut f16) {
-        // SAFETY: masked-off lanes are not accessed; `v` is exact in f16, so the conversion
-        // does not round.
+    unsafe fn copy(src: *const f16, mask: __mmask16, out: *mut u8, out_f32: bool) {
+        // SAFETY: masked-off lanes are not accessed.
         unsafe {
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-            _mm256_mask_storeu_epi16(dst as *mut i16, mask, h)
+            let h = _mm256_maskz_loadu_epi16(mask, src as *const i16);
+            if out_f32 {
+                _mm512_mask_storeu_ps(out as *mut f32, mask, _mm512_cvtph_ps(h));
+            } else {
+                _mm256_mask_storeu_epi16(out as *mut i16, mask, h);
+            }
         }
     }
 }
@@ -100,17 +120,34 @@ unsafe impl Lanes16 for bf16 {
         }
     }
     #[inline(always)]
-    unsafe fn round(v: __m512) -> __m512 {
-        // SAFETY: the caller is compiled with AVX-512 F.
-        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(f32_to_bf16(v))) }
+    unsafe fn store(v: __m512, mask: __mmask16, table: *mut bf16, out: *mut u8, out_f32: bool) {
+        // SAFETY: masked-off lanes are not accessed; the caller is compiled with AVX-512 F.
+        unsafe {
+            let b = f32_to_bf16(v);
+            let h = _mm512_cvtepi32_epi16(b);
+            if !table.is_null() {
+                _mm256_mask_storeu_epi16(table as *mut i16, mask, h);
+            }
+            if !out.is_null() {
+                if out_f32 {
+                    let w = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(b));
+                    _mm512_mask_storeu_ps(out as *mut f32, mask, w);
+                } else {
+                    _mm256_mask_storeu_epi16(out as *mut i16, mask, h);
+                }
+            }
+        }
     }
     #[inline(always)]
-    unsafe fn store(v: __m512, mask: __mmask16, dst: *mut bf16) {
-        // SAFETY: masked-off lanes are not accessed; `v` is exact in bf16, so its top halves
-        // are the bf16 bits.
+    unsafe fn copy(src: *const bf16, mask: __mmask16, out: *mut u8, out_f32: bool) {
+        // SAFETY: masked-off lanes are not accessed.
         unsafe {
-            let h = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(v)));
-            _mm256_mask_storeu_epi16(dst as *mut i16, mask, h)
+            if out_f32 {
+                _mm512_mask_storeu_ps(out as *mut f32, mask, Self::load(src, mask));
+            } else {
+                let h = _mm256_maskz_loadu_epi16(mask, src as *const i16);
+                _mm256_mask_storeu_epi16(out as *mut i16, mask, h);
+            }
         }
     }
 }
@@ -128,66 +165,6 @@ fn f32_to_bf16(v: __m512) -> __m512i {
         let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
         let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         _mm512_mask_blend_epi32(is_nan, rounded, nan)
-    }
-}
-
-/// The mask of the first `n.min(16)` lanes.
-#[inline(always)]
-fn lanes_mask(n: usize) -> __mmask16 {
-    if n >= 16 {
-        0xffff
-    } else {
-        ((1u32 << n) - 1) as u16
-    }
-}
-
-/// Write one output row: `value(j, mask)` gives the 16 lanes from element `j` (already in the
-/// output's precision); f32 output rows, when `stream`, go through non-temporal stores for
-/// every whole 64-byte line, the unaligned head and tail through masked stores.
-///
-/// # Safety
-/// `out` writable for `dim` elements of f32 (`out_f32`) or `T`; AVX-512 F, BW, VL.
-#[inline(always)]
-unsafe fn write_row<T: Lanes16>(
-    dim: usize,
-    out: *mut u8,
-    out_f32: bool,
-    stream: bool,
-    mut value: impl FnMut(usize, __mmask16) -> __m512,
-) {
-    // SAFETY: every access stays within `j..dim`; masked-off lanes are not accessed; streamed
-    // stores are to 64-byte aligned addresses inside the row.
-    unsafe {
-        if out_f32 || std::mem::size_of::<T>() == 4 {
-            let out = out as *mut f32;
-            let mut j = 0;
-            if stream {
-                // Elements before the first 64-byte boundary (f32 outputs are 4-aligned).
-                let head = ((64 - (out as usize & 63)) & 63) / 4;
-                if head > 0 {
-                    let mask = lanes_mask(head.min(dim));
-                    _mm512_mask_storeu_ps(out, mask, value(0, mask));
-                    j = head.min(dim);
-                }
-                while j + 16 <= dim {
-                    _mm512_stream_ps(out.add(j), value(j, 0xffff));
-                    j += 16;
-                }
-            }
-            while j < dim {
-                let mask = lanes_mask(dim - j);
-                _mm512_mask_storeu_ps(out.add(j), mask, value(j, mask));
-                j += 16;
-            }
-        } else {
-            let out = out as *mut T;
-            let mut j = 0;
-            while j < dim {
-                let mask = lanes_mask(dim - j);
-                T::store(value(j, mask), mask, out.add(j));
-                j += 16;
-            }
-        }
     }
 }
 
@@ -234,51 +211,47 @@ unsafe impl<T: Lanes16> RowOps<T> for Avx512 {
         table: *mut T,
         out: *mut u8,
         out_f32: bool,
-        stream: bool,
     ) {
+        let out_size = if out_f32 { 4 } else { std::mem::size_of::<T>() };
         // SAFETY: every access stays within `j..dim`; masked-off lanes are not accessed; each
         // chunk is loaded before it is stored.
         unsafe {
             let s = _mm512_set1_ps(scale);
-            let scaled =
-                |j: usize, mask: __mmask16| T::round(_mm512_mul_ps(T::load(src.add(j), mask), s));
-            if out.is_null() {
-                let mut j = 0;
-                while j < dim {
-                    let mask = lanes_mask(dim - j);
-                    T::store(scaled(j, mask), mask, table.add(j));
-                    j += 16;
-                }
-                return;
+            let mut j = 0;
+            while j < dim {
+                let mask: __mmask16 = if dim - j >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (dim - j)) - 1) as u16
+                };
+                let v = _mm512_mul_ps(T::load(src.add(j), mask), s);
+                let t = if table.is_null() { table } else { table.add(j) };
+                let o = if out.is_null() {
+                    out
+                } else {
+                    out.add(j * out_size)
+                };
+                T::store(v, mask, t, o, out_f32);
+                j += 16;
             }
-            write_row::<T>(dim, out, out_f32, stream, |j, mask| {
-                let v = scaled(j, mask);
-                if !table.is_null() {
-                    T::store(v, mask, table.add(j));
-                }
-                v
-            });
         }
     }
 
     #[inline(always)]
-    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool, stream: bool) {
+    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool) {
+        let out_size = if out_f32 { 4 } else { std::mem::size_of::<T>() };
         // SAFETY: every access stays within `j..dim`; masked-off lanes are not accessed.
         unsafe {
-            if !out_f32 && std::mem::size_of::<T>() == 2 {
-                // Native 16-bit output: move the bits.
-                let mut j = 0;
-                while j < dim {
-                    let mask = lanes_mask(dim - j);
-                    let h = _mm256_maskz_loadu_epi16(mask, src.add(j) as *const i16);
-                    _mm256_mask_storeu_epi16((out as *mut i16).add(j), mask, h);
-                    j += 16;
-                }
-                return;
+            let mut j = 0;
+            while j < dim {
+                let mask: __mmask16 = if dim - j >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (dim - j)) - 1) as u16
+                };
+                T::copy(src.add(j), mask, out.add(j * out_size), out_f32);
+                j += 16;
             }
-            write_row::<T>(dim, out, out_f32, stream, |j, mask| {
-                T::load(src.add(j), mask)
-            });
         }
     }
 }

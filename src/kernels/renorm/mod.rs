@@ -75,10 +75,6 @@ pub struct RenormJob {
     pub norm: NormKind,
     /// Rows whose norm exceeds this are rescaled.
     pub max_norm: f64,
-    /// Write f32 output rows with non-temporal stores where the level has them (AVX-512):
-    /// for outputs far larger than the caches, this saves reading each output line before
-    /// writing it. Ignored by the other levels.
-    pub stream: bool,
 }
 
 /// Set in a slot to copy (or widen) the row to the output as it is, without a norm: for a
@@ -243,8 +239,7 @@ pub(crate) unsafe trait RowOps<T: Element> {
     unsafe fn lanes(src: *const T, dim: usize, kind: NormKind) -> ([f32; 16], bool);
 
     /// `out[j] = round(src[j] * scale)` (and the same into `table` unless null); `out` holds
-    /// f32 when `out_f32`, otherwise `T`; `out` may be null (then `table` is not). `stream`
-    /// asks for non-temporal output stores.
+    /// f32 when `out_f32`, otherwise `T`; `out` may be null.
     ///
     /// # Safety
     /// `src` readable, `table` (unless null) writable, `out` (unless null) writable for `dim`
@@ -256,14 +251,13 @@ pub(crate) unsafe trait RowOps<T: Element> {
         table: *mut T,
         out: *mut u8,
         out_f32: bool,
-        stream: bool,
     );
 
     /// Copy `src[..dim]` to `out` as is (`T`) or widened (f32).
     ///
     /// # Safety
     /// `src` readable, `out` writable for `dim` elements of the output type.
-    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool, stream: bool);
+    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool);
 }
 
 /// The block loop shared by every instruction set: prefetch ahead, norm, decide, write.
@@ -299,7 +293,7 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
                 job.out.add((slot & !COPY_SLOT) * out_row_bytes)
             };
             if slot & COPY_SLOT != 0 {
-                O::copy(src, dim, out, job.out_f32, job.stream);
+                O::copy(src, dim, out, job.out_f32);
                 continue;
             }
             let norm = match job.norm {
@@ -316,21 +310,12 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
                     } else {
                         std::ptr::null_mut()
                     };
-                    if !table.is_null() || !out.is_null() {
-                        O::scale(src, dim, s, table, out, job.out_f32, job.stream);
-                    }
+                    O::scale(src, dim, s, table, out, job.out_f32);
                 }
-                None if !out.is_null() => O::copy(src, dim, out, job.out_f32, job.stream),
+                None if !out.is_null() => O::copy(src, dim, out, job.out_f32),
                 None => {}
             }
         }
-    }
-    // Non-temporal stores are weakly ordered: fence them before whatever publishes the
-    // output to other threads (the end of a rayon task).
-    #[cfg(target_arch = "x86_64")]
-    if job.stream {
-        // SAFETY: SSE is part of the x86_64 baseline.
-        unsafe { std::arch::x86_64::_mm_sfence() };
     }
 }
 

@@ -73,16 +73,13 @@ unsafe impl<T: Element> RowOps<T> for Portable {
         table: *mut T,
         out: *mut u8,
         out_f32: bool,
-        _stream: bool,
     ) {
         // SAFETY: forwarded contract; the reference writes element by element.
-        unsafe {
-            <super::scalar::Scalar as RowOps<T>>::scale(src, dim, scale, table, out, out_f32, false)
-        }
+        unsafe { <super::scalar::Scalar as RowOps<T>>::scale(src, dim, scale, table, out, out_f32) }
     }
 
     #[inline(always)]
-    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool, _stream: bool) {
+    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool) {
         // SAFETY: forwarded contract.
         unsafe {
             if !out_f32 || std::mem::size_of::<T>() == 4 {
@@ -92,7 +89,7 @@ unsafe impl<T: Element> RowOps<T> for Portable {
                     dim * std::mem::size_of::<T>(),
                 );
             } else {
-                <super::scalar::Scalar as RowOps<T>>::copy(src, dim, out, out_f32, false)
+                <super::scalar::Scalar as RowOps<T>>::copy(src, dim, out, out_f32)
             }
         }
     }

@@ -65,7 +65,6 @@ unsafe impl<T: Element> RowOps<T> for Scalar {
         table: *mut T,
         out: *mut u8,
         out_f32: bool,
-        _stream: bool,
     ) {
         for j in 0..dim {
             // SAFETY: the caller makes every pointer valid for `dim` elements; each element
@@ -87,7 +86,7 @@ unsafe impl<T: Element> RowOps<T> for Scalar {
     }
 
     #[inline(always)]
-    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool, _stream: bool) {
+    unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool) {
         for j in 0..dim {
             // SAFETY: the caller makes both pointers valid for `dim` elements.
             unsafe {
