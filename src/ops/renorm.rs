@@ -15,13 +15,15 @@
 //!   output holds what PyTorch would have returned. Works on read-only maps.
 //!
 //! # Exact and parallel
-//! In place, each distinct row is renormed exactly once, by one thread: a per-call bitset over
-//! the rows is claimed atomically, and the position that claims a row renorms it (writing the
-//! table and its own output slot). Every other position referencing that row is copied from
-//! the table after all claimed rows are done (a second, usually small, gather). Every rescaled
-//! value is computed from the original row, so results are the same bits whatever the thread
-//! count or which position won the claim. Output only needs no claims: each position computes
-//! the scale from the row it reads.
+//! In place, each distinct row is renormed exactly once, by one thread. On one thread the
+//! positions are walked once: the first position of a row renorms it (table and output
+//! slot), later ones copy the renormed row. On several threads each takes a contiguous chunk
+//! of positions (so threads never write near each other in the output): a position renorms
+//! its row if it wins the row's claim in a per-call atomic bitset, and after the join the
+//! positions that lost copy the renormed row from the table (a second, prefetched pass over
+//! the duplicates only). Every rescaled value is computed from the original row, so results
+//! are the same bits whatever the thread count or which position won. Output only needs no
+//! claims: each position computes the scale from the row it reads.
 //!
 //! # Arithmetic, as PyTorch's `embedding_renorm_`
 //! The norm accumulates in f32 (PyTorch's accumulator type for f32, f16 and bf16) and is
