@@ -55,7 +55,7 @@ fn shrinking(k: &mut i32) -> MaxNorm {
     MaxNorm::new(0.999f64.powi(*k)).unwrap()
 }
 
-fn run_group(c: &mut Criterion, name: &str, table: &mut Table<'static>, n: usize, quick: bool) {
+fn run_group(c: &mut Criterion, name: &str, table: &mut Table<'static>, n: usize, secs: u64) {
     let idx = indices(n, table.rows());
     let dim = table.dim();
     let mut out = vec![0.0f32; n * dim];
@@ -64,11 +64,9 @@ fn run_group(c: &mut Criterion, name: &str, table: &mut Table<'static>, n: usize
         .build()
         .unwrap();
     let mut g = c.benchmark_group(name);
-    if quick {
-        g.sample_size(10)
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(4));
-    }
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(secs));
     g.throughput(Throughput::Elements(n as u64));
     let id = |what: &str| {
         BenchmarkId::new(
@@ -121,11 +119,11 @@ fn run_group(c: &mut Criterion, name: &str, table: &mut Table<'static>, n: usize
 fn bench(c: &mut Criterion) {
     if std::env::var_os("EMB_BENCH_SKIP_1GIB").is_none() {
         let mut big = table(4 << 20, 64, DType::F32);
-        run_group(c, "renorm_1gib", &mut big, 1 << 20, true);
+        run_group(c, "renorm_1gib", &mut big, 1 << 20, 4);
     }
     for dtype in [DType::F32, DType::F16] {
         let mut small = table(64 << 10, 64, dtype);
-        run_group(c, "renorm_small", &mut small, 256 << 10, true);
+        run_group(c, "renorm_small", &mut small, 256 << 10, 2);
     }
 }
 
