@@ -49,6 +49,7 @@ pub use error::{Error, Result};
 pub use index::Index;
 pub use ops::bag::{BagMode, BagOptions, Bags};
 pub use ops::lookup::output_shape;
+pub use ops::renorm::MaxNorm;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
 
 /// The name of the kernel set this process uses (`avx512`, `avx2+f16c`, `neon`, `portable`,

@@ -2,3 +2,4 @@
 
 pub mod bag;
 pub mod lookup;
+pub mod renorm;
