@@ -8,7 +8,7 @@ use std::process::Command;
 use embedding_lookup::conformance::{self, Case, Outcome};
 use embedding_lookup::table::formats::{write_tensors, TensorDType, TensorToWrite};
 use embedding_lookup::util::Rng;
-use embedding_lookup::{BagMode, BagOptions, Bags, DType, Error, Table};
+use embedding_lookup::{BagMode, BagOptions, Bags, DType, Error, MaxNorm, Table};
 use half::{bf16, f16};
 
 fn fixtures() -> PathBuf {
@@ -24,26 +24,21 @@ fn every_pytorch_bag_case_passes() {
             continue;
         }
         let report = conformance::run_case(&case);
-        if case.name == "bag_renorm_mean" {
-            // max_norm with bags waits for the renorm pass: reported as skipped, never passed.
-            assert!(
-                matches!(report.outcome, Outcome::Skipped(_)),
-                "{}: {:?}",
-                case.name,
-                report.outcome
-            );
-            continue;
-        }
         assert_eq!(report.outcome, Outcome::Passed, "{}", case.name);
         if case.meta("expect_error").is_none() {
             let (name, out) = &report.produced[0];
             assert_eq!(name, "out");
             assert_eq!(out.dtype, TensorDType::Float(DType::F32), "{}", case.name);
         }
+        if case.name == "bag_renorm_mean" {
+            // The in-place renorm also writes the table afterwards.
+            let names: Vec<&str> = report.produced.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["out", "weight_after"]);
+        }
         ran += 1;
     }
-    // 39 bag cases and 5 refusals (index, 3 offsets, weights with mean).
-    assert_eq!(ran, 44);
+    // 39 bag cases, the max_norm case and 5 refusals (index, 3 offsets, weights with mean).
+    assert_eq!(ran, 45);
 }
 
 /// The definition, in f64 over the f32-widened table: the library must be within f32
@@ -343,16 +338,24 @@ fn refusals_name_the_problem_and_write_nothing() {
         "per_sample_weights_mode",
         "2 weights for 3 indices",
     );
+    // The same refusals with max_norm (output only): nothing written either.
     let renorm = BagOptions {
-        max_norm: Some(1.0),
-        ..BagOptions::mode(BagMode::Mean)
+        max_norm: Some(MaxNorm::new(0.5).unwrap()),
+        ..BagOptions::mode(BagMode::Sum)
     };
+    check(
+        Bags::offsets(&[0, 4]),
+        &renorm,
+        8,
+        "bad_offsets",
+        "offsets[1] = 4 is past the end of the 3 indices",
+    );
     check(
         Bags::offsets(&[0, 1]),
         &renorm,
-        8,
-        "invalid_argument",
-        "max_norm with bags is not supported yet",
+        4,
+        "output_length",
+        "8 are required",
     );
     // An index out of range, named with its position and value.
     let mut out = sentinel;
@@ -661,6 +664,7 @@ fn emb_bag_refuses_bad_input_and_writes_nothing() {
         p("bad_o.npy"),
         p("out.npy"),
     );
+    let table_before = std::fs::read(&t).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--indices", &i, "--offsets", &o, "--mode", "sum"],
@@ -680,9 +684,52 @@ fn emb_bag_refuses_bad_input_and_writes_nothing() {
                 "--mode",
                 "mean",
                 "--max-norm",
-                "1",
+                "0",
+                "--write-back",
             ],
-            "max_norm with bags is not supported yet",
+            "max_norm must be greater than 0",
+        ),
+        (
+            vec![
+                "--indices",
+                &ok,
+                "--offsets",
+                &o,
+                "--mode",
+                "mean",
+                "--max-norm",
+                "1",
+                "--norm-type",
+                "-2",
+                "--write-back",
+            ],
+            "norm_type must be greater than 0",
+        ),
+        (
+            vec![
+                "--indices",
+                &i,
+                "--offsets",
+                &o,
+                "--mode",
+                "sum",
+                "--max-norm",
+                "0.5",
+                "--write-back",
+            ],
+            "index 12 at position 1",
+        ),
+        (
+            vec![
+                "--indices",
+                &ok,
+                "--offsets",
+                &o,
+                "--mode",
+                "sum",
+                "--write-back",
+            ],
+            "--max-norm",
         ),
         (
             vec![
@@ -709,10 +756,484 @@ fn emb_bag_refuses_bad_input_and_writes_nothing() {
             "{full:?}: {stderr}"
         );
         assert!(!Path::new(&out).exists(), "{full:?} left an output");
+        assert_eq!(
+            std::fs::read(&t).unwrap(),
+            table_before,
+            "{full:?} changed the table"
+        );
     }
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         5,
         "temporary files left behind"
     );
+}
+
+// ---- max_norm: renorm the referenced rows, then pool ----
+
+/// PyTorch's renorm in f64 over an f32 table: each distinct row of `indices` whose p-norm
+/// exceeds `max_norm` is scaled by `max_norm / (norm + 1e-7)`.
+fn reference_renorm(table: &[f32], dim: usize, indices: &[i64], max_norm: f64, p: f64) -> Vec<f64> {
+    let mut out: Vec<f64> = table.iter().map(|&v| v as f64).collect();
+    let mut done = std::collections::HashSet::new();
+    for &i in indices {
+        let r = i as usize;
+        if !done.insert(r) {
+            continue;
+        }
+        let row = &mut out[r * dim..(r + 1) * dim];
+        let norm = if p.is_infinite() {
+            row.iter().fold(0.0f64, |m, v| m.max(v.abs()))
+        } else {
+            row.iter()
+                .map(|v| v.abs().powf(p))
+                .sum::<f64>()
+                .powf(1.0 / p)
+        };
+        if norm > max_norm {
+            let scale = max_norm / (norm + 1e-7);
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    out
+}
+
+fn f64_to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+#[test]
+fn max_norm_renorms_then_pools_in_place_and_output_only() {
+    let mut rng = Rng::new(21);
+    let (rows, dim) = (40, 16);
+    // Max norms around the typical norm of a 16-wide standard normal row, per p.
+    for (p, m) in [(2.0, 4.0), (1.0, 12.0), (f64::INFINITY, 1.8), (3.5, 2.6)] {
+        let max_norm = MaxNorm::new(m).unwrap().with_norm_type(p).unwrap();
+        let (indices, offsets) = random_bags(&mut rng, rows, 25);
+        let bounds = bounds_of(&offsets, indices.len());
+        let weights: Vec<f32> = (0..indices.len()).map(|_| rng.normal()).collect();
+        for padding in [None, Some(3usize)] {
+            let mut original = Table::randn(rows, dim, DType::F32, 8).unwrap();
+            if let Some(pad) = padding {
+                original = original.with_padding_idx(pad as i64).unwrap();
+            }
+            let data = original.as_slice::<f32>().unwrap().to_vec();
+            let renormed = reference_renorm(&data, dim, &indices, m, p);
+            let scaled = (0..rows)
+                .filter(|&r| renormed[r * dim] != data[r * dim] as f64)
+                .count();
+            assert!(
+                scaled > 3 && scaled < rows - 3,
+                "p {p}: {scaled} rows rescaled"
+            );
+            let renormed32 = f64_to_f32(&renormed);
+            for (mode, w) in [
+                (BagMode::Sum, None),
+                (BagMode::Sum, Some(&weights[..])),
+                (BagMode::Mean, None),
+                (BagMode::Max, None),
+            ] {
+                let what = format!("p {p} {mode} weighted {} padding {padding:?}", w.is_some());
+                let options = BagOptions {
+                    mode,
+                    per_sample_weights: w,
+                    max_norm: Some(max_norm),
+                };
+                let want = reference(&renormed32, dim, &indices, &bounds, mode, w, padding);
+
+                // Output only: the definition, and the table untouched.
+                let only: Vec<f32> = original
+                    .bag(&indices, Bags::offsets(&offsets), &options)
+                    .unwrap();
+                assert_close(&only, &want, &format!("{what} (output only)"));
+                assert_eq!(original.as_slice::<f32>().unwrap(), &data[..], "{what}");
+
+                // In place: the same bits, and the table renormed as PyTorch does.
+                let mut table = original.to_dtype(DType::F32).unwrap();
+                if let Some(pad) = padding {
+                    table = table.with_padding_idx(pad as i64).unwrap();
+                }
+                let mut out = vec![0.0f32; only.len()];
+                table
+                    .bag_renorm_in_place(&indices, Bags::offsets(&offsets), &options, &mut out)
+                    .unwrap();
+                assert_eq!(bits(&out), bits(&only), "{what} (in place)");
+                let after = table.as_slice::<f32>().unwrap();
+                for (k, (&g, &r)) in after.iter().zip(&renormed).enumerate() {
+                    assert!(
+                        (g as f64 - r).abs() <= 1e-6 * (1.0 + r.abs()),
+                        "{what}: table element {k} is {g}, expected {r}"
+                    );
+                }
+                // Untouched rows keep their bits; the rows not referenced among them.
+                for r in 0..rows {
+                    if !indices.contains(&(r as i64)) {
+                        assert_eq!(after[r * dim..(r + 1) * dim], data[r * dim..(r + 1) * dim]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn max_norm_matches_renorm_then_bag_for_every_dtype() {
+    // In place is the library's renorm (each distinct row once) followed by the plain bag,
+    // bit for bit, in f32 and in the table's dtype; output only gives the same bits.
+    let mut rng = Rng::new(23);
+    let (rows, dim) = (30, 33);
+    // Heavy duplicates: 60 entries over 30 rows, row 5 in every bag.
+    let mut indices: Vec<i64> = (0..60).map(|_| rng.below(rows as u64) as i64).collect();
+    for k in (0..60).step_by(6) {
+        indices[k] = 5;
+    }
+    let offsets: Vec<i64> = (0..10).map(|b| b * 6).collect();
+    let max_norm = MaxNorm::new(4.0).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
+            let what = format!("{dtype} {mode}");
+            let original = Table::randn(rows, dim, dtype, 9).unwrap();
+            let options = BagOptions {
+                max_norm: Some(max_norm),
+                ..BagOptions::mode(mode)
+            };
+            let mut expected_table = original.to_dtype(dtype).unwrap();
+            let mut distinct = indices.clone();
+            distinct.sort();
+            distinct.dedup();
+            expected_table.renorm_in_place(&distinct, max_norm).unwrap();
+            assert_ne!(expected_table.as_bytes(), original.as_bytes(), "{what}");
+            let plain = BagOptions::mode(mode);
+            let want: Vec<f32> = expected_table
+                .bag(&indices, Bags::offsets(&offsets), &plain)
+                .unwrap();
+
+            let mut table = original.to_dtype(dtype).unwrap();
+            let mut out = vec![0.0f32; want.len()];
+            table
+                .bag_renorm_in_place(&indices, Bags::offsets(&offsets), &options, &mut out)
+                .unwrap();
+            assert_eq!(bits(&out), bits(&want), "{what} (in place)");
+            assert_eq!(table.as_bytes(), expected_table.as_bytes(), "{what} table");
+            let only: Vec<f32> = original
+                .bag(&indices, Bags::offsets(&offsets), &options)
+                .unwrap();
+            assert_eq!(bits(&only), bits(&want), "{what} (output only)");
+
+            // Pooled in the table's own dtype.
+            if dtype == DType::BF16 {
+                let want: Vec<bf16> = expected_table
+                    .bag(&indices, Bags::offsets(&offsets), &plain)
+                    .unwrap();
+                let only: Vec<bf16> = original
+                    .bag(&indices, Bags::offsets(&offsets), &options)
+                    .unwrap();
+                assert_eq!(only, want, "{what} (native, output only)");
+                let mut table = original.to_dtype(dtype).unwrap();
+                let mut out = vec![bf16::ZERO; want.len()];
+                table
+                    .bag_renorm_in_place(&indices, Bags::offsets(&offsets), &options, &mut out)
+                    .unwrap();
+                assert_eq!(out, want, "{what} (native, in place)");
+            }
+        }
+    }
+}
+
+#[test]
+fn max_norm_in_place_renorms_padding_and_trailing_entries_as_pytorch() {
+    // PyTorch renorms the rows of every index it is given (embedding_renorm_ on the whole
+    // input), including padding entries and entries after a CSR last offset; they are still
+    // left out of the pooling.
+    let data: Vec<f32> = (0..5).flat_map(|k| [3.0 * (k + 1) as f32, 4.0]).collect();
+    let original = Table::from_slice(&data, 5, 2)
+        .unwrap()
+        .with_padding_idx(1)
+        .unwrap();
+    let indices = [0i64, 1, 2, 3, 4]; // bags {0, 1}, {2}; entries 3 and 4 after the last bag
+    let bags = Bags::csr(&[0i64, 2, 3]);
+    let max_norm = MaxNorm::new(1.0).unwrap();
+    let options = BagOptions {
+        max_norm: Some(max_norm),
+        ..BagOptions::mode(BagMode::Sum)
+    };
+    let scale = |k: usize| {
+        let (x, y) = (3.0 * (k + 1) as f64, 4.0f64);
+        let s = 1.0 / ((x * x + y * y).sqrt() + 1e-7);
+        [(x * s) as f32, (y * s) as f32]
+    };
+    let mut table = original
+        .to_dtype(DType::F32)
+        .unwrap()
+        .with_padding_idx(1)
+        .unwrap();
+    let mut out = [0.0f32; 4];
+    table
+        .bag_renorm_in_place(&indices, bags, &options, &mut out)
+        .unwrap();
+    for k in 0..5 {
+        let row = table.row::<f32>(k).unwrap().unwrap();
+        let want = scale(k);
+        assert!(
+            (row[0] - want[0]).abs() < 1e-6 && (row[1] - want[1]).abs() < 1e-6,
+            "row {k}: {row:?}, expected {want:?}"
+        );
+    }
+    let (r0, r2) = (
+        table.row::<f32>(0).unwrap().unwrap(),
+        table.row::<f32>(2).unwrap().unwrap(),
+    );
+    assert_eq!(out, [r0[0], r0[1], r2[0], r2[1]]);
+    // Output only: the same output, nothing renormed.
+    let only: Vec<f32> = original.bag(&indices, bags, &options).unwrap();
+    assert_eq!(only, out);
+    assert_eq!(original.as_slice::<f32>().unwrap(), &data[..]);
+}
+
+#[test]
+fn max_norm_refusals_write_nothing() {
+    let data: Vec<f32> = (0..40).map(|k| k as f32).collect();
+    let options = BagOptions {
+        max_norm: Some(MaxNorm::new(1.0).unwrap()),
+        ..BagOptions::mode(BagMode::Mean)
+    };
+    // A read-only table refuses in place; output only works on it.
+    let mut borrowed = Table::borrowed(&data, 10, 4).unwrap();
+    let mut out = [-7.0f32; 8];
+    let e = borrowed
+        .bag_renorm_in_place(&[1i64, 2, 3], Bags::offsets(&[0i64, 1]), &options, &mut out)
+        .unwrap_err();
+    assert_eq!(e.kind(), "read_only_table", "{e}");
+    assert_eq!(out, [-7.0; 8]);
+    borrowed
+        .bag_into(&[1i64, 2, 3], Bags::offsets(&[0i64, 1]), &options, &mut out)
+        .unwrap();
+    assert_eq!(data, (0..40).map(|k| k as f32).collect::<Vec<_>>());
+
+    // Every input checked before the table is touched.
+    let mut table = Table::from_slice(&data, 10, 4).unwrap();
+    let w = [1.0f32; 3];
+    let weighted = BagOptions {
+        per_sample_weights: Some(&w),
+        ..options
+    };
+    let no_norm = BagOptions::mode(BagMode::Sum);
+    type Refusal<'a> = (&'a [i64], Bags<'a, i64>, &'a BagOptions<'a>, usize, &'a str);
+    let cases: Vec<Refusal<'_>> = vec![
+        (
+            &[1, 2, 11],
+            Bags::offsets(&[0, 1]),
+            &options,
+            8,
+            "index 11 at position 2",
+        ),
+        (
+            &[1, 2, -1],
+            Bags::fixed(3),
+            &options,
+            4,
+            "index -1 at position 2",
+        ),
+        (
+            &[1, 2, 3],
+            Bags::offsets(&[0, 5]),
+            &options,
+            8,
+            "offsets[1] = 5",
+        ),
+        (
+            &[1, 2, 3],
+            Bags::offsets(&[0, 1]),
+            &options,
+            12,
+            "8 are required",
+        ),
+        (&[1, 2, 3], Bags::offsets(&[0, 1]), &weighted, 8, "not mean"),
+        (
+            &[1, 2, 3],
+            Bags::offsets(&[0, 1]),
+            &no_norm,
+            8,
+            "needs max_norm",
+        ),
+    ];
+    for (indices, bags, options, len, text) in cases {
+        let mut out = vec![-7.0f32; len];
+        let e = table
+            .bag_renorm_in_place(indices, bags, options, &mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains(text), "{e} lacks {text:?}");
+        assert!(out.iter().all(|&v| v == -7.0), "output written on {e}");
+        assert_eq!(
+            table.as_slice::<f32>().unwrap(),
+            &data[..],
+            "table written on {e}"
+        );
+    }
+    let mut half_out = [f16::ZERO; 8];
+    let e = table
+        .bag_renorm_in_place(
+            &[1i64, 2, 3],
+            Bags::offsets(&[0i64, 1]),
+            &options,
+            &mut half_out,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), "dtype_mismatch");
+    assert_eq!(table.as_slice::<f32>().unwrap(), &data[..]);
+}
+
+#[test]
+fn max_norm_thread_counts_give_identical_bits() {
+    let mut rng = Rng::new(77);
+    let (rows, dim) = (20_000u64, 64);
+    let mut indices = Vec::new();
+    let mut offsets = Vec::new();
+    for b in 0..10_000 {
+        offsets.push(indices.len() as i64);
+        let len = if b % 500 == 0 {
+            1_500
+        } else {
+            rng.below(20) as usize
+        };
+        // Half the entries from a few hot rows: many duplicates across threads.
+        indices.extend((0..len).map(|k| {
+            if k % 2 == 0 {
+                rng.below(64) as i64
+            } else {
+                rng.below(rows) as i64
+            }
+        }));
+    }
+    let max_norm = MaxNorm::new(7.5).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let original = Table::randn(rows as usize, dim, dtype, 4)
+            .unwrap()
+            .with_padding_idx(7)
+            .unwrap();
+        for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
+            let options = BagOptions {
+                max_norm: Some(max_norm),
+                ..BagOptions::mode(mode)
+            };
+            let run = |threads: usize| -> (Vec<u32>, Vec<u32>, Vec<u8>) {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let only: Vec<f32> = original
+                        .bag(&indices, Bags::offsets(&offsets), &options)
+                        .unwrap();
+                    let mut table = original
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .with_padding_idx(7)
+                        .unwrap();
+                    let mut out = vec![0.0f32; only.len()];
+                    table
+                        .bag_renorm_in_place(&indices, Bags::offsets(&offsets), &options, &mut out)
+                        .unwrap();
+                    (bits(&only), bits(&out), table.as_bytes().to_vec())
+                })
+            };
+            let one = run(1);
+            assert_eq!(one.0, one.1, "{dtype} {mode}: output only against in place");
+            assert_ne!(
+                one.2,
+                original.as_bytes(),
+                "{dtype} {mode}: nothing renormed"
+            );
+            assert!(run(2) == one, "{dtype} {mode}: 2 threads");
+            assert!(run(8) == one, "{dtype} {mode}: 8 threads");
+        }
+    }
+}
+
+#[test]
+fn emb_bag_max_norm_with_and_without_write_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let original = Table::randn(50, 12, DType::F32, 6).unwrap();
+    let tp = p("table.npy");
+    original.save(&tp).unwrap();
+    let before = std::fs::read(&tp).unwrap();
+    let mut rng = Rng::new(8);
+    let (indices, offsets) = random_bags(&mut rng, 50, 9);
+    write_ints(
+        Path::new(&p("idx.npy")),
+        TensorDType::I64,
+        vec![indices.len()],
+        bytemuck::cast_slice(&indices),
+    );
+    write_ints(
+        Path::new(&p("off.npy")),
+        TensorDType::I64,
+        vec![offsets.len()],
+        bytemuck::cast_slice(&offsets),
+    );
+    let (ip, op) = (p("idx.npy"), p("off.npy"));
+    let max_norm = MaxNorm::new(2.5)
+        .unwrap()
+        .with_norm_type(f64::INFINITY)
+        .unwrap();
+    let options = BagOptions {
+        max_norm: Some(max_norm),
+        ..BagOptions::mode(BagMode::Mean)
+    };
+    let want: Vec<f32> = original
+        .bag(&indices, Bags::offsets(&offsets), &options)
+        .unwrap();
+    let mut renormed = original.to_dtype(DType::F32).unwrap();
+    let mut want_in_place = vec![0.0f32; want.len()];
+    renormed
+        .bag_renorm_in_place(
+            &indices,
+            Bags::offsets(&offsets),
+            &options,
+            &mut want_in_place,
+        )
+        .unwrap();
+    assert_ne!(renormed.as_bytes(), original.as_bytes());
+
+    for (write_back, threads) in [(false, "1"), (false, "2"), (true, "2")] {
+        let out = p(&format!("out_{write_back}_{threads}.npy"));
+        let mut args = vec![
+            "bag",
+            "--table",
+            &tp,
+            "--indices",
+            &ip,
+            "--offsets",
+            &op,
+            "--mode",
+            "mean",
+            "--max-norm",
+            "2.5",
+            "--norm-type",
+            "inf",
+            "--out",
+            &out,
+            "--threads",
+            threads,
+        ];
+        if write_back {
+            args.push("--write-back");
+        }
+        let r = emb(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let written = Table::open(&out, None).unwrap();
+        assert_eq!(bits(written.as_slice::<f32>().unwrap()), bits(&want));
+        let table_now = Table::open(&tp, None).unwrap();
+        if write_back {
+            assert_eq!(
+                table_now.as_bytes(),
+                renormed.as_bytes(),
+                "table file renormed"
+            );
+            assert_eq!(bits(&want_in_place), bits(&want));
+        } else {
+            assert_eq!(std::fs::read(&tp).unwrap(), before, "table file changed");
+        }
+    }
 }

@@ -23,8 +23,19 @@
 //! - The table's [`padding_idx`](Table::padding_idx) entries are left out of their bag
 //!   entirely: not summed, not counted by mean, not compared by max; a bag of padding only
 //!   gives zeros.
-//! - `max_norm` (renorm of the looked-up rows before pooling) is not supported yet: it is
-//!   refused with [`Error::InvalidArgument`], never silently ignored.
+//! - `max_norm` ([`BagOptions::max_norm`]): as `F.embedding_bag(..., max_norm=m,
+//!   norm_type=p)`, every row the indices reference is renormed first (a row whose p-norm
+//!   exceeds `m` is scaled by `m / (norm + 1e-7)`, once however often it is referenced; see
+//!   [`crate::ops::renorm`]), then the renormed rows are pooled. PyTorch renorms, in the table
+//!   itself, the rows of *all* the indices it is given, padding entries and entries after a
+//!   CSR last offset included (its Python wrapper calls `embedding_renorm_(weight, input)`
+//!   before `_embedding_bag`, which alone knows about padding). Two modes, as for lookups:
+//!   - **in place** ([`Table::bag_renorm_in_place`], PyTorch's behaviour): the referenced
+//!     rows of the table are rescaled, then pooled. Needs a writable table.
+//!   - **output only** ([`Table::bag_into`] / [`Table::bag`] with `max_norm` set): the table
+//!     is untouched and the output is what PyTorch returns. The distinct rows the bags pool
+//!     are copied into a small table, renormed there and pooled from it: the cost follows the
+//!     batch, not the table. The output is bit for bit the in-place one.
 //!
 //! Every input is checked before any output element is written: offsets, weights, the output
 //! length and every index (all of them, including any after the last bag). Results are the
@@ -39,6 +50,7 @@ use crate::index::{self, Index};
 use crate::kernels::bag::{BagBlock, BagKernels, Pool};
 use crate::kernels::DEFAULT_PREFETCH_DISTANCE;
 use crate::ops::lookup::{check_output_len, Conversion};
+use crate::ops::renorm::{renorm_in_place_validated, MaxNorm};
 use crate::parallel;
 use crate::table::Table;
 
@@ -153,27 +165,16 @@ impl<'a, F: Index> Bags<'a, F> {
 
 /// Options of [`Table::bag_into`], PyTorch's keyword arguments. The padding index is the
 /// table's own ([`Table::with_padding_idx`]), as `nn.EmbeddingBag` holds it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct BagOptions<'w> {
     /// `sum`, `mean` (the default, as in PyTorch) or `max`.
     pub mode: BagMode,
     /// One weight per index, `sum` mode only.
     pub per_sample_weights: Option<&'w [f32]>,
-    /// Renorm rows to this norm before pooling: not supported yet, refused when set.
-    pub max_norm: Option<f32>,
-    /// The p of the p-norm for `max_norm` (2 by default).
-    pub norm_type: f32,
-}
-
-impl Default for BagOptions<'_> {
-    fn default() -> Self {
-        BagOptions {
-            mode: BagMode::default(),
-            per_sample_weights: None,
-            max_norm: None,
-            norm_type: 2.0,
-        }
-    }
+    /// PyTorch's `max_norm` and `norm_type`: renorm the referenced rows before pooling.
+    /// [`Table::bag_into`] then leaves the table untouched (output only);
+    /// [`Table::bag_renorm_in_place`] renorms the table itself, as PyTorch does.
+    pub max_norm: Option<MaxNorm>,
 }
 
 impl BagOptions<'_> {
@@ -190,6 +191,12 @@ impl Table<'_> {
     /// Pool the rows of `indices` bag by bag into `out`, which must hold `bags * dim`
     /// elements of f32 or of the table's own dtype (accumulated in f32, rounded once).
     /// Allocates nothing beyond a small block buffer per task.
+    ///
+    /// With [`BagOptions::max_norm`] set, this is the **output only** renorm: `out` holds
+    /// what `F.embedding_bag(..., max_norm)` returns, but the table is not changed (it is
+    /// borrowed shared, so read-only maps work). The distinct pooled rows are copied into a
+    /// small owned table (memory and time proportional to the batch), renormed there, and
+    /// pooled. Use [`Table::bag_renorm_in_place`] for PyTorch's in-place behaviour.
     ///
     /// Everything is checked before any output element is written: on error `out` is
     /// untouched and the error names the bad offset, weight count or index (with its
@@ -227,20 +234,168 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         let bounds = Bounds::new(&bags, indices.len())?;
         check_weights(options, indices.len())?;
-        if options.max_norm.is_some() {
-            return Err(Error::InvalidArgument(
-                "max_norm with bags is not supported yet (renorm the table first, then pool)"
-                    .into(),
-            ));
-        }
         check_output_len(bounds.bags, self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
+        if let Some(m) = options.max_norm {
+            return self.bag_output_only_validated(conversion, indices, &bounds, options, m, out);
+        }
         bag_validated(
             &BagKernels::detect(),
             conversion,
             self,
             indices,
             &bounds,
+            options,
+            out,
+        );
+        Ok(())
+    }
+
+    /// Renorm the rows `indices` reference in the table itself, then pool them into `out`:
+    /// `F.embedding_bag(indices, weight, offsets, max_norm=m, norm_type=p, ...)` with its
+    /// effect on `weight`. `options.max_norm` must be set.
+    ///
+    /// As PyTorch does, every index is renormed, padding entries and entries after a CSR last
+    /// offset included; each distinct row at most once. Everything (offsets, weights, the
+    /// output length, writability, every index) is checked before the table or `out` is
+    /// touched. A read-only table is refused with [`Error::ReadOnlyTable`]; [`Table::bag_into`]
+    /// gives the same output without changing the table. Results are the same bits whatever
+    /// the thread count.
+    ///
+    /// ```
+    /// use embedding_lookup::{ops::renorm::MaxNorm, BagMode, BagOptions, Bags, Table};
+    ///
+    /// let mut table = Table::from_slice(&[3.0f32, 4.0, 0.3, 0.4], 2, 2)?; // norms 5 and 0.5
+    /// let options = BagOptions { mode: BagMode::Sum, max_norm: Some(MaxNorm::new(1.0)?), ..Default::default() };
+    /// let mut out = [0.0f32; 2];
+    /// table.bag_renorm_in_place(&[0i64, 1, 0], Bags::fixed(3), &options, &mut out)?;
+    /// let s = (1.0 / (5.0 + 1e-7)) as f32; // row 0 is rescaled once, row 1 is left alone
+    /// assert_eq!(table.row::<f32>(0)?.unwrap(), [3.0 * s, 4.0 * s]);
+    /// assert_eq!(out, [3.0 * s + 0.3 + 3.0 * s, 4.0 * s + 0.4 + 4.0 * s]);
+    /// # Ok::<(), embedding_lookup::Error>(())
+    /// ```
+    pub fn bag_renorm_in_place<I: Index, F: Index, O: Element>(
+        &mut self,
+        indices: &[I],
+        bags: Bags<'_, F>,
+        options: &BagOptions<'_>,
+        out: &mut [O],
+    ) -> Result<()> {
+        let Some(m) = options.max_norm else {
+            return Err(Error::InvalidArgument(
+                "bag_renorm_in_place needs max_norm (without it, use bag_into)".into(),
+            ));
+        };
+        let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
+        let bounds = Bounds::new(&bags, indices.len())?;
+        check_weights(options, indices.len())?;
+        check_output_len(bounds.bags, self.dim(), out.len())?;
+        self.bytes_mut()?;
+        index::validate(indices, self.rows())?;
+        renorm_in_place_validated(self, indices, None, m);
+        bag_validated(
+            &BagKernels::detect(),
+            conversion,
+            self,
+            indices,
+            &bounds,
+            options,
+            out,
+        );
+        Ok(())
+    }
+
+    /// Output-only renorm and pooling of validated inputs: the distinct rows pooled (padding
+    /// and entries after the last bag left out) are copied into a small table, renormed
+    /// there, and pooled through remapped indices.
+    fn bag_output_only_validated<I: Index, F: Index, O: Element>(
+        &self,
+        conversion: Conversion,
+        indices: &[I],
+        bounds: &Bounds<'_, F>,
+        options: &BagOptions<'_>,
+        max_norm: MaxNorm,
+        out: &mut [O],
+    ) -> Result<()> {
+        if bounds.bags == 0 || self.dim() == 0 {
+            return Ok(());
+        }
+        // Entries after the end of the last bag are pooled by no bag.
+        let pooled = &indices[..bounds.start(bounds.bags)];
+        if self.rows() <= u32::MAX as usize {
+            self.bag_compact::<I, F, O, u32>(conversion, pooled, bounds, options, max_norm, out)
+        } else {
+            self.bag_compact::<I, F, O, usize>(conversion, pooled, bounds, options, max_norm, out)
+        }
+    }
+
+    /// [`Self::bag_output_only_validated`] with compact indices of type `R` (which holds
+    /// every row number of the table).
+    fn bag_compact<I: Index, F: Index, O: Element, R: Index + TryFrom<usize>>(
+        &self,
+        conversion: Conversion,
+        pooled: &[I],
+        bounds: &Bounds<'_, F>,
+        options: &BagOptions<'_>,
+        max_norm: MaxNorm,
+        out: &mut [O],
+    ) -> Result<()> {
+        let compact_of = |slot: usize| R::try_from(slot).ok().expect("slots fit the row type");
+        let padding = self.padding_idx();
+        // The distinct rows in order of first use; the padding row (if any) takes slot 0 and
+        // is the small table's padding row, so the pooling still leaves it out.
+        let mut distinct: Vec<usize> = padding.into_iter().collect();
+        let mut remapped: Vec<R> = Vec::with_capacity(pooled.len());
+        let rows = self.rows();
+        if rows <= 4 * pooled.len() + 65_536 {
+            let mut slot = vec![usize::MAX; rows];
+            if let Some(p) = padding {
+                slot[p] = 0;
+            }
+            for i in pooled {
+                let r = i.as_wrapped_u64() as usize; // validated: 0 <= i < rows
+                if slot[r] == usize::MAX {
+                    slot[r] = distinct.len();
+                    distinct.push(r);
+                }
+                remapped.push(compact_of(slot[r]));
+            }
+        } else {
+            let mut slot: std::collections::HashMap<usize, usize> =
+                std::collections::HashMap::with_capacity(pooled.len().min(rows));
+            if let Some(p) = padding {
+                slot.insert(p, 0);
+            }
+            for i in pooled {
+                let r = i.as_wrapped_u64() as usize; // validated: 0 <= i < rows
+                let s = *slot.entry(r).or_insert_with(|| {
+                    distinct.push(r);
+                    distinct.len() - 1
+                });
+                remapped.push(compact_of(s));
+            }
+        }
+        let mut small = Table::zeros(distinct.len(), self.dim(), self.dtype())?;
+        let row_bytes = self.row_bytes();
+        let src = self.as_bytes();
+        for (dst, &r) in small
+            .bytes_mut()?
+            .chunks_exact_mut(row_bytes)
+            .zip(&distinct)
+        {
+            dst.copy_from_slice(&src[r * row_bytes..(r + 1) * row_bytes]);
+        }
+        if padding.is_some() {
+            small = small.with_padding_idx(0)?;
+        }
+        let all: Vec<R> = (0..distinct.len()).map(compact_of).collect();
+        renorm_in_place_validated(&mut small, &all, None, max_norm);
+        bag_validated(
+            &BagKernels::detect(),
+            conversion,
+            &small,
+            &remapped,
+            bounds,
             options,
             out,
         );

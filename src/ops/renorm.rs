@@ -282,7 +282,7 @@ impl RowClaims {
 /// threads then never share). Phase 1: a position renorms its row if it wins the row's claim
 /// in a shared bitset, so each row is read and written by one thread only. Phase 2, after the
 /// join: the positions that lost their claim copy the renormed row from the table.
-fn renorm_in_place_validated<I: Index>(
+pub(crate) fn renorm_in_place_validated<I: Index>(
     table: &mut Table<'_>,
     indices: &[I],
     out: Option<(&mut [u8], Conversion)>,

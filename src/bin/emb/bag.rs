@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embedding_lookup::table::formats::{self, Format, TensorDType};
-use embedding_lookup::{BagMode, BagOptions, Bags, DType, Element, Index, OpenMode, Table};
+use embedding_lookup::{
+    BagMode, BagOptions, Bags, DType, Element, Index, MaxNorm, OpenMode, Table,
+};
 use half::{bf16, f16};
 
 use crate::input::{open_table, read_f32, read_indices, IndexData};
@@ -35,12 +37,24 @@ pub struct Args {
     /// PyTorch's padding_idx (-rows <= N < rows): such entries are left out of their bag.
     #[arg(long, allow_hyphen_values = true)]
     padding_idx: Option<i64>,
-    /// Renorm rows to this norm before pooling (not supported yet: refused).
-    #[arg(long)]
-    max_norm: Option<f32>,
-    /// The p of the p-norm for --max-norm.
-    #[arg(long, default_value_t = 2.0, allow_hyphen_values = true)]
-    norm_type: f32,
+    /// PyTorch's max_norm: referenced rows whose norm exceeds this are rescaled to it (> 0)
+    /// before pooling. Without --write-back the table file is left untouched and the output
+    /// is pooled from the rescaled rows.
+    #[arg(long, allow_hyphen_values = true)]
+    max_norm: Option<f64>,
+    /// The p of the p-norm for --max-norm: any p > 0, or `inf`.
+    #[arg(
+        long,
+        default_value = "2",
+        requires = "max_norm",
+        allow_hyphen_values = true,
+        value_parser = parse_norm_type
+    )]
+    norm_type: f64,
+    /// Renorm the referenced rows in the table file itself, as PyTorch does (the file is
+    /// mapped writable; the table must be aligned for its dtype).
+    #[arg(long, requires = "max_norm")]
+    write_back: bool,
     /// The output file (.npy, or .safetensors with tensor "out"); shape (bags, dim).
     #[arg(long)]
     out: PathBuf,
@@ -52,8 +66,23 @@ pub struct Args {
     threads: Option<usize>,
 }
 
+fn parse_norm_type(s: &str) -> Result<f64, String> {
+    embedding_lookup::conformance::parse_float(s)
+        .ok_or_else(|| format!("not a number: {s:?} (a p > 0, or inf)"))
+}
+
 pub fn run(args: Args, verbose: bool) -> CliResult {
-    let (mut table, table_path) = open_table(&args.table, OpenMode::Map)?;
+    // Bad renorm values are refused before the table is opened, let alone written.
+    let max_norm = args
+        .max_norm
+        .map(|m| MaxNorm::new(m)?.with_norm_type(args.norm_type))
+        .transpose()?;
+    let mode = if args.write_back {
+        OpenMode::MapWritable
+    } else {
+        OpenMode::Map
+    };
+    let (mut table, table_path) = open_table(&args.table, mode)?;
     if let Some(p) = args.padding_idx {
         table = table.with_padding_idx(p)?;
     }
@@ -92,8 +121,7 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     let options = BagOptions {
         mode: args.mode.parse::<BagMode>()?,
         per_sample_weights: weights.as_deref(),
-        max_norm: args.max_norm,
-        norm_type: args.norm_type,
+        max_norm,
     };
     let bags = match (per_bag, &offsets) {
         (Some(n), _) => Bags::Fixed(n),
@@ -123,15 +151,35 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
             table.is_zero_copy(),
             embedding_lookup::kernel_name()
         );
+        if let Some(m) = max_norm {
+            eprintln!(
+                "max_norm {} (p = {}), {}",
+                m.max_norm(),
+                m.norm_type(),
+                if args.write_back {
+                    "renormed in the table file"
+                } else {
+                    "output only"
+                }
+            );
+        }
     }
     let start = Instant::now();
     let threads = args.threads;
-    let (table, data, out) = (&table, &indices.data, &args.out);
+    let write_back = args.write_back;
+    let (table, data, out) = (&mut table, &indices.data, &args.out);
     let bag_count = crate::with_threads(threads, move || -> CliResult<usize> {
+        let job = Job {
+            table,
+            bags,
+            options: &options,
+            out,
+            write_back,
+        };
         match out_dtype {
-            DType::F32 => write_bags::<f32>(table, data, bags, &options, out),
-            DType::F16 => write_bags::<f16>(table, data, bags, &options, out),
-            DType::BF16 => write_bags::<bf16>(table, data, bags, &options, out),
+            DType::F32 => job.write::<f32>(data),
+            DType::F16 => job.write::<f16>(data),
+            DType::BF16 => job.write::<bf16>(data),
         }
     })??;
     if verbose {
@@ -169,35 +217,49 @@ fn read_offsets(spec: &str) -> Result<Vec<i64>, embedding_lookup::Error> {
     })
 }
 
-fn write_bags<O: Element>(
-    table: &Table<'_>,
-    indices: &IndexData,
-    bags: Bags<'_, i64>,
-    options: &BagOptions<'_>,
-    out: &std::path::Path,
-) -> CliResult<usize> {
-    match indices {
-        IndexData::I32(v) => write_typed::<_, O>(table, v, bags, options, out),
-        IndexData::I64(v) => write_typed::<_, O>(table, v, bags, options, out),
-        IndexData::U32(v) => write_typed::<_, O>(table, v, bags, options, out),
-        IndexData::U64(v) => write_typed::<_, O>(table, v, bags, options, out),
-    }
+/// One `emb bag` run, once the inputs are read.
+struct Job<'t, 'a, 'b> {
+    table: &'t mut Table<'a>,
+    bags: Bags<'b, i64>,
+    options: &'b BagOptions<'b>,
+    out: &'b std::path::Path,
+    /// Renorm the table file in place (`max_norm` is set).
+    write_back: bool,
 }
 
-/// Pool everything (the library checks every input first), then write through a temporary
-/// file renamed into place: a refused input leaves no file.
-fn write_typed<I: Index, O: Element>(
-    table: &Table<'_>,
-    indices: &[I],
-    bags: Bags<'_, i64>,
-    options: &BagOptions<'_>,
-    out: &std::path::Path,
-) -> CliResult<usize> {
-    let pooled: Vec<O> = table.bag(indices, bags, options)?;
-    let count = bags.count(indices.len())?;
-    let shape = [count, table.dim()];
-    let mut file = formats::begin_single_tensor(out, "out", &TensorDType::Float(O::DTYPE), &shape)?;
-    file.write_all(bytemuck::cast_slice(&pooled))?;
-    file.commit()?;
-    Ok(count)
+impl Job<'_, '_, '_> {
+    fn write<O: Element>(self, indices: &IndexData) -> CliResult<usize> {
+        match indices {
+            IndexData::I32(v) => self.write_typed::<_, O>(v),
+            IndexData::I64(v) => self.write_typed::<_, O>(v),
+            IndexData::U32(v) => self.write_typed::<_, O>(v),
+            IndexData::U64(v) => self.write_typed::<_, O>(v),
+        }
+    }
+
+    /// Pool everything (the library checks every input first, and in place renorms the
+    /// table file only then, flushing it), then write through a temporary file renamed into
+    /// place: a refused input leaves no file and an untouched table. The output file is
+    /// begun first, so that a bad output path is found before the table is changed.
+    fn write_typed<I: Index, O: Element>(self, indices: &[I]) -> CliResult<usize> {
+        let (table, bags, options) = (self.table, self.bags, self.options);
+        let count = bags.count(indices.len())?;
+        let shape = [count, table.dim()];
+        let mut file =
+            formats::begin_single_tensor(self.out, "out", &TensorDType::Float(O::DTYPE), &shape)?;
+        let pooled: Vec<O> = if self.write_back {
+            let len = count
+                .checked_mul(table.dim())
+                .ok_or("the output does not fit in memory")?;
+            let mut pooled = vec![O::default(); len];
+            table.bag_renorm_in_place(indices, bags, options, &mut pooled)?;
+            table.flush()?;
+            pooled
+        } else {
+            table.bag(indices, bags, options)?
+        };
+        file.write_all(bytemuck::cast_slice(&pooled))?;
+        file.commit()?;
+        Ok(count)
+    }
 }
