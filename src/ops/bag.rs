@@ -34,8 +34,8 @@
 //!     rows of the table are rescaled, then pooled. Needs a writable table.
 //!   - **output only** ([`Table::bag_into`] / [`Table::bag`] with `max_norm` set): the table
 //!     is untouched and the output is what PyTorch returns. The distinct rows the bags pool
-//!     are copied into a small table, renormed there and pooled from it: the cost follows the
-//!     batch, not the table. The output is bit for bit the in-place one.
+//!     are gathered, renormed, into a small table (one fused pass) and pooled from it: the
+//!     cost follows the batch, not the table. The output is bit for bit the in-place one.
 //!
 //! Every input is checked before any output element is written: offsets, weights, the output
 //! length and every index (all of them, including any after the last bag). Results are the
@@ -194,9 +194,9 @@ impl Table<'_> {
     ///
     /// With [`BagOptions::max_norm`] set, this is the **output only** renorm: `out` holds
     /// what `F.embedding_bag(..., max_norm)` returns, but the table is not changed (it is
-    /// borrowed shared, so read-only maps work). The distinct pooled rows are copied into a
-    /// small owned table (memory and time proportional to the batch), renormed there, and
-    /// pooled. Use [`Table::bag_renorm_in_place`] for PyTorch's in-place behaviour.
+    /// borrowed shared, so read-only maps work). The distinct pooled rows are gathered,
+    /// renormed, into a small owned table in one parallel pass (memory and time proportional
+    /// to the batch, not the table), then pooled from it. Use [`Table::bag_renorm_in_place`] for PyTorch's in-place behaviour.
     ///
     /// Everything is checked before any output element is written: on error `out` is
     /// untouched and the error names the bad offset, weight count or index (with its
@@ -306,8 +306,8 @@ impl Table<'_> {
     }
 
     /// Output-only renorm and pooling of validated inputs: the distinct rows pooled (padding
-    /// and entries after the last bag left out) are copied into a small table, renormed
-    /// there, and pooled through remapped indices.
+    /// and entries after the last bag left out) are gathered, renormed, into a small table
+    /// and pooled from it through remapped indices.
     fn bag_output_only_validated<I: Index, F: Index, O: Element>(
         &self,
         conversion: Conversion,
@@ -347,18 +347,19 @@ impl Table<'_> {
         let mut distinct: Vec<usize> = padding.into_iter().collect();
         let mut remapped: Vec<R> = Vec::with_capacity(pooled.len());
         let rows = self.rows();
-        if rows <= 4 * pooled.len() + 65_536 {
-            let mut slot = vec![usize::MAX; rows];
+        if rows <= u32::MAX as usize && rows <= 4 * pooled.len() + 65_536 {
+            // A dense slot per table row (u32::MAX: not seen yet).
+            let mut slot = vec![u32::MAX; rows];
             if let Some(p) = padding {
                 slot[p] = 0;
             }
             for i in pooled {
                 let r = i.as_wrapped_u64() as usize; // validated: 0 <= i < rows
-                if slot[r] == usize::MAX {
-                    slot[r] = distinct.len();
+                if slot[r] == u32::MAX {
+                    slot[r] = distinct.len() as u32; // < rows <= u32::MAX
                     distinct.push(r);
                 }
-                remapped.push(compact_of(slot[r]));
+                remapped.push(compact_of(slot[r] as usize));
             }
         } else {
             let mut slot: std::collections::HashMap<usize, usize> =
@@ -375,21 +376,27 @@ impl Table<'_> {
                 remapped.push(compact_of(s));
             }
         }
+        // Gather and renorm the distinct rows in one (parallel) pass: the renormed rows are
+        // the bits an in-place renorm would leave in the table.
         let mut small = Table::zeros(distinct.len(), self.dim(), self.dtype())?;
-        let row_bytes = self.row_bytes();
-        let src = self.as_bytes();
-        for (dst, &r) in small
-            .bytes_mut()?
-            .chunks_exact_mut(row_bytes)
-            .zip(&distinct)
-        {
-            dst.copy_from_slice(&src[r * row_bytes..(r + 1) * row_bytes]);
+        match self.dtype() {
+            DType::F32 => {
+                self.lookup_renorm_output_only(&distinct, small.as_mut_slice::<f32>()?, max_norm)?
+            }
+            DType::F16 => self.lookup_renorm_output_only(
+                &distinct,
+                small.as_mut_slice::<half::f16>()?,
+                max_norm,
+            )?,
+            DType::BF16 => self.lookup_renorm_output_only(
+                &distinct,
+                small.as_mut_slice::<half::bf16>()?,
+                max_norm,
+            )?,
         }
         if padding.is_some() {
             small = small.with_padding_idx(0)?;
         }
-        let all: Vec<R> = (0..distinct.len()).map(compact_of).collect();
-        renorm_in_place_validated(&mut small, &all, None, max_norm);
         bag_validated(
             &BagKernels::detect(),
             conversion,
