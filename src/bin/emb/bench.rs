@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embedding_lookup::workload::{self, Distribution};
-use embedding_lookup::{DType, Table};
+use embedding_lookup::{BagMode, BagOptions, Bags, DType, Element, MaxNorm, Table};
 use half::{bf16, f16};
 
 use crate::CliResult;
@@ -25,9 +25,23 @@ pub struct Args {
     /// Lookups per iteration.
     #[arg(long, default_value_t = 1 << 20)]
     batch: usize,
-    /// The operation.
-    #[arg(long, default_value = "lookup", value_parser = ["lookup"])]
+    /// The operation: lookup, renorm (lookup with max_norm) or bag.
+    #[arg(long, default_value = "lookup", value_parser = ["lookup", "renorm", "bag"])]
     op: String,
+    /// Entries per bag (--op bag): the batch is cut into bags of this many.
+    #[arg(long, default_value_t = 32)]
+    bag_size: usize,
+    /// Pooling (--op bag).
+    #[arg(long, default_value = "sum", value_parser = ["sum", "mean", "max"])]
+    mode: String,
+    /// max_norm (--op renorm); rows of the random table have norms of about sqrt(dim / 3).
+    #[arg(long, default_value_t = 1.0)]
+    max_norm: f64,
+    /// Renorm mode (--op renorm): output-only, or in-place (the first, untimed iteration
+    /// rescales the rows; timed iterations then find them within max_norm, as in training
+    /// steps after the first).
+    #[arg(long, default_value = "output-only", value_parser = ["output-only", "in-place"])]
+    renorm: String,
     /// Index distribution: uniform or zipf:S.
     #[arg(long, default_value = "uniform")]
     dist: Distribution,
@@ -107,23 +121,74 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
     };
 
     // The engine.
+    let out_rows = match args.op.as_str() {
+        "bag" => {
+            if args.bag_size == 0 || batch % args.bag_size != 0 {
+                return Err("--batch must be a positive multiple of --bag-size".into());
+            }
+            batch / args.bag_size
+        }
+        _ => batch,
+    };
     let out_len = batch * dim * out_dtype.size();
     let mut out_words = vec![0u64; out_len.div_ceil(8)]; // 8-byte aligned for every dtype
     let out_bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut out_words)[..out_len];
-    let mut run_once = || -> Result<(), embedding_lookup::Error> {
+    let max_norm = MaxNorm::new(args.max_norm)?;
+    let bag_options = BagOptions::mode(args.mode.parse::<BagMode>()?);
+    let op = args.op.clone();
+    let in_place = args.renorm == "in-place";
+    let run_once = |table: &mut Table<'_>, out: &mut [u8]| -> Result<(), embedding_lookup::Error> {
         match out_dtype {
-            DType::F32 => table.lookup_into(&indices, cast_mut::<f32>(out_bytes)),
-            DType::F16 => table.lookup_into(&indices, cast_mut::<f16>(out_bytes)),
-            DType::BF16 => table.lookup_into(&indices, cast_mut::<bf16>(out_bytes)),
+            DType::F32 => run_op(
+                table,
+                &op,
+                in_place,
+                max_norm,
+                &bag_options,
+                args.bag_size,
+                &indices,
+                cast_mut::<f32>(out),
+            ),
+            DType::F16 => run_op(
+                table,
+                &op,
+                in_place,
+                max_norm,
+                &bag_options,
+                args.bag_size,
+                &indices,
+                cast_mut::<f16>(out),
+            ),
+            DType::BF16 => run_op(
+                table,
+                &op,
+                in_place,
+                max_norm,
+                &bag_options,
+                args.bag_size,
+                &indices,
+                cast_mut::<bf16>(out),
+            ),
         }
     };
-    run_once()?; // warm-up: faults in the output pages
-    let engine = time_iters(args.iters, &progress, "lookup", || {
-        run_once().map_err(Into::into)
+    let out_used = out_rows * dim * out_dtype.size();
+    run_once(&mut table, &mut out_bytes[..out_used])?; // warm-up: faults in the output pages
+    let engine = time_iters(args.iters, &progress, &args.op, || {
+        run_once(&mut table, &mut out_bytes[..out_used]).map_err(Into::into)
     })?;
+    // Beside renorm and bags: the plain lookup of the same indices, in the same run.
+    let plain = if args.op == "lookup" {
+        None
+    } else {
+        let out = cast_mut::<f32>(&mut out_bytes[..batch * dim * 4]);
+        table.lookup_into(&indices, out)?;
+        Some(time_iters(args.iters, &progress, "plain lookup", || {
+            table.lookup_into(&indices, out).map_err(Into::into)
+        })?)
+    };
 
     // The naive loop (f32 tables into f32 output only: that is the loop users write).
-    let naive = if args.dtype == DType::F32 && out_dtype == DType::F32 {
+    let naive = if args.op == "lookup" && args.dtype == DType::F32 && out_dtype == DType::F32 {
         let t = table.as_slice::<f32>()?;
         let out = cast_mut::<f32>(out_bytes);
         workload::naive_lookup(t, dim, &indices, out);
@@ -145,7 +210,8 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
     })?;
     progress.done();
 
-    let moved = (batch * (table.row_bytes() + dim * out_dtype.size() + 8)) as f64;
+    // Bytes that must move: every looked-up row read, every output row written, the indices.
+    let moved = (batch * (table.row_bytes() + 8) + out_rows * dim * out_dtype.size()) as f64;
     let rows_per_s = batch as f64 / engine.median;
     let bytes_per_s = moved / engine.median;
     let memcpy_bytes_per_s = 2.0 * MEMCPY_BYTES as f64 / memcpy.median;
@@ -173,6 +239,18 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
             obj["naive_rows_per_s"] = serde_json::json!(batch as f64 / n.median);
             obj["ratio_to_naive"] = serde_json::json!(n.median / engine.median);
         }
+        if let Some(p) = &plain {
+            obj["lookup_rows_per_s"] = serde_json::json!(batch as f64 / p.median);
+            obj["time_vs_lookup"] = serde_json::json!(engine.median / p.median);
+        }
+        if args.op == "bag" {
+            obj["bag_size"] = serde_json::json!(args.bag_size);
+            obj["mode"] = serde_json::json!(args.mode);
+        }
+        if args.op == "renorm" {
+            obj["max_norm"] = serde_json::json!(args.max_norm);
+            obj["renorm"] = serde_json::json!(args.renorm);
+        }
         println!("{obj}");
     } else {
         println!(
@@ -187,6 +265,14 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
             args.iters,
             spread * 100.0
         );
+        if let Some(p) = &plain {
+            println!(
+                "  lookup  {:>8.2} M rows/s  (plain lookup of the same indices; {} takes {:.2}× its time)",
+                batch as f64 / p.median / 1e6,
+                args.op,
+                engine.median / p.median
+            );
+        }
         if let Some(n) = &naive {
             println!(
                 "  naive   {:>8.2} M rows/s  {:>6.2} GB/s  engine/naive {:.2}×",
@@ -206,6 +292,26 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
         eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One run of the operation under test into `out` (rows of the output dtype).
+#[allow(clippy::too_many_arguments)]
+fn run_op<O: Element>(
+    table: &mut Table<'_>,
+    op: &str,
+    in_place: bool,
+    max_norm: MaxNorm,
+    bag_options: &BagOptions<'_>,
+    bag_size: usize,
+    indices: &[i64],
+    out: &mut [O],
+) -> Result<(), embedding_lookup::Error> {
+    match op {
+        "renorm" if in_place => table.lookup_renorm_in_place(indices, out, max_norm),
+        "renorm" => table.lookup_renorm_output_only(indices, out, max_norm),
+        "bag" => table.bag_into(indices, Bags::fixed(bag_size), bag_options, out),
+        _ => table.lookup_into(indices, out),
+    }
 }
 
 struct Timing {
