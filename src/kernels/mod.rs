@@ -9,6 +9,7 @@
 //! one the CPU lacks), which is how the fallbacks are tested on a machine that has AVX-512.
 
 pub mod gather;
+pub mod grad;
 
 use std::sync::OnceLock;
 

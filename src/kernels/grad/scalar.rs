@@ -1,0 +1,28 @@
+//! The reference: one element at a time, bounds-checked, no prefetch. Every other gradient
+//! kernel must produce the same bits.
+
+/// # Safety
+/// None beyond [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; this reference
+/// checks bounds.
+pub(crate) unsafe fn reduce_segments(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    bounds: &[u32],
+    dst_rows: &[usize],
+    dst: &mut [f32],
+) {
+    let base = bounds[0];
+    for (k, b) in bounds.windows(2).enumerate() {
+        let (start, end) = ((b[0] - base) as usize, (b[1] - base) as usize);
+        let out = &mut dst[dst_rows[k] * dim..(dst_rows[k] + 1) * dim];
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for a in start..end {
+                acc += weights[a] * src[items[a] as usize * dim + j];
+            }
+            *o = acc;
+        }
+    }
+}

@@ -1,0 +1,1116 @@
+//! Gradients of lookups and bags with respect to the table, as PyTorch's backward computes
+//! them: dense (`rows × dim`), sparse (one `(row, gradient row)` pair per lookup, PyTorch's
+//! uncoalesced COO) and coalesced (distinct rows, ascending, summed: what an optimizer takes).
+//!
+//! # Semantics
+//! - **Lookup** ([`EmbeddingBackward`]): `grad_weight[indices[i]] += grad_output[i]` for every
+//!   position `i` whose index is not `padding_idx`; the padding row gets no gradient. With
+//!   `scale_grad_by_freq` each contribution is multiplied by `1 / count`, `count` being how
+//!   often its index occurs in the whole batch (the factor computed in f64 and rounded to f32,
+//!   as PyTorch does).
+//! - **Bags** ([`EmbeddingBagBackward`]): `sum` gives each non-padding entry its bag's
+//!   gradient times its per-sample weight; `mean` divides by the bag's non-padding count;
+//!   `max` sends each column's gradient to the row that won it (`max_indices`, as PyTorch's
+//!   forward returns it).
+//! - **Sparse** output keeps duplicates, in lookup order. As in PyTorch, `scale_grad_by_freq`
+//!   is refused for it ([`Error::InvalidArgument`]); it *is* supported for the
+//!   coalesced form, where it means exactly what it means for the dense gradient.
+//! - Gradients are f32 (whatever the table's dtype), row-major.
+//!
+//! # How it runs
+//! Validate everything; group the positions by table row with a stable radix sort of
+//! `(row, position)` keys; then reduce each row's contributions, in position order, with the
+//! SIMD kernel of [`crate::kernels::grad`], one row per thread, rows split across rayon's
+//! threads. No atomics and no float races: each row's sum has one fixed order, so the result
+//! is the same bit for bit whatever the thread count. A row's sum is
+//! `((0 + w₀·g₀) + w₁·g₁) + …` in position order, as PyTorch's CPU backward accumulates it.
+//!
+//! ```
+//! use embedding_lookup::ops::grad::EmbeddingBackward;
+//!
+//! // 4 lookups into a 5 × 2 table; row 1 is looked up twice, row 0 is padding.
+//! let indices = [1i64, 3, 1, 0];
+//! let grad_output = [1.0f32, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]; // (4, 2)
+//! let bw = EmbeddingBackward::new(&indices).padding_idx(Some(0));
+//!
+//! let dense = bw.dense(&grad_output, 5, 2)?;
+//! assert_eq!(dense, [0.0, 0.0, 4.0, 4.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]);
+//!
+//! let sparse = bw.sparse(&grad_output, 5, 2)?; // lookup order, duplicates kept
+//! assert_eq!(sparse.indices(), [1, 3, 1]);
+//!
+//! let coalesced = bw.coalesced(&grad_output, 5, 2)?; // distinct rows, ascending, summed
+//! assert_eq!(coalesced.rows(), [1, 3]);
+//! assert_eq!(coalesced.values(), [4.0, 4.0, 2.0, 2.0]);
+//! # Ok::<(), embedding_lookup::Error>(())
+//! ```
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::index::{self, Index};
+use crate::kernels::grad::GradKernels;
+use crate::kernels::PREFETCH_DISTANCE;
+use crate::parallel;
+use crate::table::Table;
+
+/// Segments handed to the kernel per call.
+const BATCH: usize = 256;
+
+/// Radix digit width of the row sort: 2048 buckets, an 8 KiB histogram that stays in L1.
+const DIGIT_BITS: u32 = 11;
+
+/// Below this many keys a comparison sort beats the radix passes.
+const RADIX_MIN: usize = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Sparse results
+
+/// A sparse gradient as PyTorch's `sparse=True` backward returns it (uncoalesced COO): one
+/// `(row, gradient row)` pair per non-padding lookup, in lookup order, duplicates kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseGrad {
+    indices: Vec<i64>,
+    values: Vec<f32>,
+    num_rows: usize,
+    dim: usize,
+}
+
+impl SparseGrad {
+    /// The table row of each pair, in lookup order.
+    pub fn indices(&self) -> &[i64] {
+        &self.indices
+    }
+
+    /// The gradient rows, `len() × dim`, row-major.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether there are no pairs (every lookup was padding, or there were none).
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// Elements per gradient row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Rows of the table the gradient belongs to.
+    pub fn num_rows(&self) -> usize {
+        self.num_rows
+    }
+
+    /// Sum duplicate rows (in pair order) and sort by row.
+    pub fn coalesce(&self) -> CoalescedGrad {
+        let groups = Groups::build(self.indices.len(), self.num_rows, |i| {
+            Some(self.indices[i] as usize)
+        })
+        .expect("the pairs' count was checked when they were made");
+        let weights = vec![1.0f32; groups.order.len()];
+        let source = Source::Rows {
+            src: &self.values,
+            items: &groups.order,
+            weights: &weights,
+        };
+        write_coalesced(
+            &GradKernels::detect(),
+            &groups,
+            &source,
+            self.num_rows,
+            self.dim,
+        )
+    }
+
+    /// The dense `num_rows × dim` gradient (duplicates summed in pair order).
+    pub fn to_dense(&self) -> Vec<f32> {
+        self.coalesce().to_dense()
+    }
+}
+
+/// A coalesced sparse gradient: distinct table rows in ascending order, each with the sum of
+/// its gradient rows. This is what the optimizers in [`crate::ops::optim`] take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoalescedGrad {
+    rows: Vec<usize>,
+    values: Vec<f32>,
+    num_rows: usize,
+    dim: usize,
+}
+
+impl CoalescedGrad {
+    /// A coalesced gradient from parts: `rows` strictly ascending and below `num_rows`,
+    /// `values` holding `rows.len() * dim` elements.
+    pub fn new(num_rows: usize, dim: usize, rows: Vec<usize>, values: Vec<f32>) -> Result<Self> {
+        if rows.len().checked_mul(dim) != Some(values.len()) {
+            return Err(Error::ShapeMismatch(format!(
+                "{} values cannot hold {} gradient rows of {dim}",
+                values.len(),
+                rows.len()
+            )));
+        }
+        if let Some(k) = rows.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "coalesced gradient rows must be strictly ascending: rows[{k}] = {} is followed \
+                 by {}",
+                rows[k],
+                rows[k + 1]
+            )));
+        }
+        if let Some((k, &r)) = rows.iter().enumerate().find(|(_, &r)| r >= num_rows) {
+            return Err(Error::IndexOutOfRange {
+                index: r as i128,
+                position: k,
+                rows: num_rows,
+            });
+        }
+        Ok(CoalescedGrad {
+            rows,
+            values,
+            num_rows,
+            dim,
+        })
+    }
+
+    /// The distinct table rows, ascending.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+
+    /// The summed gradient rows, `len() × dim`, row-major.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Gradient row `k` (of table row `rows()[k]`).
+    pub fn row(&self, k: usize) -> &[f32] {
+        &self.values[k * self.dim..(k + 1) * self.dim]
+    }
+
+    /// Number of distinct rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row has a gradient.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Elements per gradient row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Rows of the table the gradient belongs to.
+    pub fn num_rows(&self) -> usize {
+        self.num_rows
+    }
+
+    /// The dense `num_rows × dim` gradient: zeros except the listed rows.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.num_rows * self.dim];
+        for (k, &r) in self.rows.iter().enumerate() {
+            out[r * self.dim..(r + 1) * self.dim].copy_from_slice(self.row(k));
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lookup backward
+
+/// The backward pass of a lookup (`F.embedding`): which indices were looked up, and the
+/// options that shape the gradient.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingBackward<'a, I> {
+    /// The looked-up indices (any shape, flattened).
+    pub indices: &'a [I],
+    /// Positions with this index contribute nothing (`-rows <= p < rows`).
+    pub padding_idx: Option<i64>,
+    /// Divide each contribution by its index's count in the batch.
+    pub scale_grad_by_freq: bool,
+}
+
+impl<'a, I: Index> EmbeddingBackward<'a, I> {
+    /// No padding, no frequency scaling.
+    pub fn new(indices: &'a [I]) -> Self {
+        EmbeddingBackward {
+            indices,
+            padding_idx: None,
+            scale_grad_by_freq: false,
+        }
+    }
+
+    /// The same, with the table's `padding_idx`.
+    pub fn for_table(table: &Table<'_>, indices: &'a [I]) -> Self {
+        Self::new(indices).padding_idx(table.padding_idx().map(|p| p as i64))
+    }
+
+    /// Set `padding_idx`.
+    pub fn padding_idx(mut self, padding_idx: Option<i64>) -> Self {
+        self.padding_idx = padding_idx;
+        self
+    }
+
+    /// Set `scale_grad_by_freq`.
+    pub fn scale_grad_by_freq(mut self, on: bool) -> Self {
+        self.scale_grad_by_freq = on;
+        self
+    }
+
+    /// The dense gradient of a `rows × dim` table for `grad_output` (`indices.len() × dim`).
+    pub fn dense(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Vec<f32>> {
+        let len = checked_len(rows, dim)?;
+        let mut out = vec![0.0f32; len];
+        self.dense_into(grad_output, rows, dim, &mut out)?;
+        Ok(out)
+    }
+
+    /// The dense gradient into `grad_weight` (`rows × dim`, overwritten: rows without a
+    /// gradient are set to zero). On error `grad_weight` is untouched.
+    pub fn dense_into(
+        &self,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        grad_weight: &mut [f32],
+    ) -> Result<()> {
+        let prepared = self.prepare(grad_output, rows, dim)?;
+        check_grad_weight(rows, dim, grad_weight.len())?;
+        let weights = prepared.weights(self.scale_grad_by_freq);
+        let source = Source::Rows {
+            src: grad_output,
+            items: &prepared.order,
+            weights: &weights,
+        };
+        write_dense(
+            &GradKernels::detect(),
+            &prepared,
+            &source,
+            rows,
+            dim,
+            grad_weight,
+        );
+        Ok(())
+    }
+
+    /// The coalesced sparse gradient: the rows that were looked up (padding excepted),
+    /// ascending, each with its summed gradient (scaled by frequency when asked: the same
+    /// numbers as the dense gradient's rows).
+    pub fn coalesced(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<CoalescedGrad> {
+        let prepared = self.prepare(grad_output, rows, dim)?;
+        let weights = prepared.weights(self.scale_grad_by_freq);
+        let source = Source::Rows {
+            src: grad_output,
+            items: &prepared.order,
+            weights: &weights,
+        };
+        Ok(write_coalesced(
+            &GradKernels::detect(),
+            &prepared,
+            &source,
+            rows,
+            dim,
+        ))
+    }
+
+    /// The sparse gradient as PyTorch returns it: one pair per non-padding lookup, in lookup
+    /// order. `scale_grad_by_freq` is refused, as in PyTorch; use [`Self::coalesced`].
+    pub fn sparse(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<SparseGrad> {
+        if self.scale_grad_by_freq {
+            return Err(Error::InvalidArgument(
+                "scale_grad_by_freq is not supported for uncoalesced sparse gradients (as in \
+                 PyTorch); use the coalesced gradient"
+                    .into(),
+            ));
+        }
+        let padding = self.check(grad_output, rows, dim)?;
+        let kept = |i: &I| Some(i.as_wrapped_u64() as usize) != padding;
+        let n = self.indices.iter().filter(|i| kept(i)).count();
+        let mut indices = Vec::with_capacity(n);
+        let mut values = Vec::with_capacity(n * dim);
+        for (p, i) in self.indices.iter().enumerate() {
+            if kept(i) {
+                indices.push(i.as_wrapped_u64() as i64);
+                values.extend_from_slice(&grad_output[p * dim..(p + 1) * dim]);
+            }
+        }
+        Ok(SparseGrad {
+            indices,
+            values,
+            num_rows: rows,
+            dim,
+        })
+    }
+
+    /// Validate; returns the normalised padding row.
+    fn check(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Option<usize>> {
+        check_grad_output("grad_output", grad_output.len(), self.indices.len(), dim)?;
+        let padding = self
+            .padding_idx
+            .map(|p| index::normalize_padding_idx(p, rows))
+            .transpose()?;
+        index::validate(self.indices, rows)?;
+        Ok(padding)
+    }
+
+    /// Validate and group positions by row.
+    fn prepare(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Groups> {
+        let padding = self.check(grad_output, rows, dim)?;
+        let indices = self.indices;
+        Groups::build(indices.len(), rows, |p| {
+            let r = indices[p].as_wrapped_u64() as usize;
+            (Some(r) != padding).then_some(r)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bag backward
+
+/// How the flat index list is cut into bags.
+#[derive(Clone, Copy, Debug)]
+pub enum BagLayout<'a> {
+    /// 1-D indices with PyTorch's `offsets`: bag `b` starts at `offsets[b]` (the first offset
+    /// must be 0, offsets non-decreasing and at most `indices.len()`). Without
+    /// `include_last_offset` the last bag runs to the end of the indices; with it there are
+    /// `offsets.len() - 1` bags, bag `b` ending at `offsets[b + 1]`, and entries after the
+    /// last offset belong to no bag (they get no gradient, as they get no output).
+    Offsets {
+        /// Start of each bag.
+        offsets: &'a [i64],
+        /// Whether the last offset closes the last bag.
+        include_last_offset: bool,
+    },
+    /// 2-D indices `(bags, bag_size)`: every bag has `bag_size` entries. With `bag_size == 0`
+    /// the number of bags is taken from `grad_output`.
+    Fixed {
+        /// Entries per bag.
+        bag_size: usize,
+    },
+}
+
+/// The reduction the bag forward used, with what its backward needs.
+#[derive(Clone, Copy, Debug)]
+pub enum BagGradMode<'a> {
+    /// `mode="sum"`.
+    Sum,
+    /// `mode="mean"`: each entry's share is divided by its bag's non-padding count.
+    Mean,
+    /// `mode="max"`: `max_indices` (`bags × dim`, row-major) holds, for each bag and column,
+    /// the table row whose value won, as PyTorch's forward returns it. Entries of bags without
+    /// non-padding entries are ignored (PyTorch leaves them 0).
+    Max {
+        /// The winning table row per (bag, column).
+        max_indices: &'a [i64],
+    },
+}
+
+/// The backward pass of a bag reduction (`F.embedding_bag`), with the bag structure given
+/// explicitly.
+///
+/// `grad_output` is the gradient of the bag outputs, `bags × dim`. `scale_grad_by_freq`
+/// divides each contribution by its index's count in the whole batch (ignored in max mode,
+/// as PyTorch ignores it there).
+///
+/// ```
+/// use embedding_lookup::ops::grad::{BagGradMode, BagLayout, EmbeddingBagBackward};
+///
+/// // Two bags of a 4 × 1 table: [0, 2] and [2, 3, 3]; mean mode.
+/// let indices = [0i64, 2, 2, 3, 3];
+/// let offsets = [0i64, 2];
+/// let layout = BagLayout::Offsets { offsets: &offsets, include_last_offset: false };
+/// let bw = EmbeddingBagBackward::new(&indices, layout, BagGradMode::Mean);
+/// let g = bw.dense(&[6.0, 3.0], 4, 1)?; // bag 0 gets 6, bag 1 gets 3
+/// assert_eq!(g, [3.0, 0.0, 3.0 + 1.0, 2.0]);
+/// # Ok::<(), embedding_lookup::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingBagBackward<'a, I> {
+    /// The flat indices of all bags.
+    pub indices: &'a [I],
+    /// How they are cut into bags.
+    pub layout: BagLayout<'a>,
+    /// The forward's reduction.
+    pub mode: BagGradMode<'a>,
+    /// One weight per index (sum mode only).
+    pub per_sample_weights: Option<&'a [f32]>,
+    /// Entries with this index contribute nothing and do not count towards a bag's size.
+    pub padding_idx: Option<i64>,
+    /// Divide each contribution by its index's count in the batch.
+    pub scale_grad_by_freq: bool,
+}
+
+/// The validated bag structure.
+struct Bags {
+    /// Bag of each entry (`u32::MAX` for entries in no bag).
+    bag_of: Vec<u32>,
+    /// Non-padding entries per bag.
+    sizes: Vec<u32>,
+    /// The normalised padding row.
+    padding: Option<usize>,
+}
+
+const NO_BAG: u32 = u32::MAX;
+
+impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
+    /// No per-sample weights, no padding, no frequency scaling.
+    pub fn new(indices: &'a [I], layout: BagLayout<'a>, mode: BagGradMode<'a>) -> Self {
+        EmbeddingBagBackward {
+            indices,
+            layout,
+            mode,
+            per_sample_weights: None,
+            padding_idx: None,
+            scale_grad_by_freq: false,
+        }
+    }
+
+    /// Set the per-sample weights.
+    pub fn per_sample_weights(mut self, weights: Option<&'a [f32]>) -> Self {
+        self.per_sample_weights = weights;
+        self
+    }
+
+    /// Set `padding_idx`.
+    pub fn padding_idx(mut self, padding_idx: Option<i64>) -> Self {
+        self.padding_idx = padding_idx;
+        self
+    }
+
+    /// Set `scale_grad_by_freq`.
+    pub fn scale_grad_by_freq(mut self, on: bool) -> Self {
+        self.scale_grad_by_freq = on;
+        self
+    }
+
+    /// The dense gradient of a `rows × dim` table.
+    pub fn dense(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Vec<f32>> {
+        let len = checked_len(rows, dim)?;
+        let mut out = vec![0.0f32; len];
+        self.dense_into(grad_output, rows, dim, &mut out)?;
+        Ok(out)
+    }
+
+    /// The dense gradient into `grad_weight` (`rows × dim`, overwritten). On error
+    /// `grad_weight` is untouched.
+    pub fn dense_into(
+        &self,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        grad_weight: &mut [f32],
+    ) -> Result<()> {
+        let bags = self.check(grad_output, rows, dim)?;
+        check_grad_weight(rows, dim, grad_weight.len())?;
+        let k = GradKernels::detect();
+        self.with_plan(&bags, grad_output, rows, dim, |groups, source| {
+            write_dense(&k, groups, source, rows, dim, grad_weight)
+        })
+    }
+
+    /// The coalesced gradient: distinct rows with a gradient, ascending, summed (the same
+    /// numbers as the dense gradient's rows). In max mode the rows are those that won a
+    /// column of a non-empty bag.
+    pub fn coalesced(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<CoalescedGrad> {
+        let bags = self.check(grad_output, rows, dim)?;
+        let k = GradKernels::detect();
+        self.with_plan(&bags, grad_output, rows, dim, |groups, source| {
+            write_coalesced(&k, groups, source, rows, dim)
+        })
+    }
+
+    /// The sparse gradient as PyTorch's `sparse=True` bag backward returns it: one pair per
+    /// non-padding entry, in entry order, the value being the bag's gradient times the
+    /// per-sample weight (sum) or times `1 / bag size` (mean). Max mode and
+    /// `scale_grad_by_freq` are refused, as in PyTorch.
+    pub fn sparse(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<SparseGrad> {
+        if matches!(self.mode, BagGradMode::Max { .. }) {
+            return Err(Error::InvalidArgument(
+                "max mode does not support sparse gradients (as in PyTorch); use the dense or \
+                 coalesced gradient"
+                    .into(),
+            ));
+        }
+        if self.scale_grad_by_freq {
+            return Err(Error::InvalidArgument(
+                "scale_grad_by_freq is not supported for uncoalesced sparse gradients (as in \
+                 PyTorch); use the coalesced gradient"
+                    .into(),
+            ));
+        }
+        let bags = self.check(grad_output, rows, dim)?;
+        let mut indices = Vec::new();
+        let mut values = Vec::new();
+        for (p, i) in self.indices.iter().enumerate() {
+            let r = i.as_wrapped_u64() as usize;
+            let b = bags.bag_of[p];
+            if Some(r) == bags.padding || b == NO_BAG {
+                continue;
+            }
+            let g = &grad_output[b as usize * dim..(b as usize + 1) * dim];
+            // PyTorch: grad[offset2bag] * (1 / bag_size) for mean, * per_sample_weights for sum.
+            let factor = match (self.mode, self.per_sample_weights) {
+                (BagGradMode::Mean, _) => Some(1.0f32 / bags.sizes[b as usize] as f32),
+                (_, Some(w)) => Some(w[p]),
+                _ => None,
+            };
+            indices.push(r as i64);
+            match factor {
+                Some(f) => values.extend(g.iter().map(|v| v * f)),
+                None => values.extend_from_slice(g),
+            }
+        }
+        Ok(SparseGrad {
+            indices,
+            values,
+            num_rows: rows,
+            dim,
+        })
+    }
+
+    /// Group the contributions by row and hand them to `write`.
+    fn with_plan<T>(
+        &self,
+        bags: &Bags,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        write: impl FnOnce(&Groups, &Source<'_>) -> T,
+    ) -> Result<T> {
+        let indices = self.indices;
+        if let BagGradMode::Max { max_indices } = self.mode {
+            // Contributions are single elements: (bag, column) -> the winning row.
+            let n = bags.sizes.len() * dim;
+            let groups = Groups::build(n, rows, |f| {
+                (bags.sizes[f / dim] > 0).then(|| max_indices[f] as usize)
+            })?;
+            return Ok(write(
+                &groups,
+                &Source::Elements {
+                    src: grad_output,
+                    items: &groups.order,
+                    dim,
+                },
+            ));
+        }
+        let groups = Groups::build(indices.len(), rows, |p| {
+            let r = indices[p].as_wrapped_u64() as usize;
+            (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
+        })?;
+        // Source rows are bags; the weight of each contribution is computed in f64 and rounded
+        // once, as PyTorch does: per-sample weight, / count, / bag size.
+        let mut items = Vec::with_capacity(groups.order.len());
+        let mut weights = Vec::with_capacity(groups.order.len());
+        for b in groups.bounds.windows(2) {
+            let count = (b[1] - b[0]) as f64;
+            for &p in &groups.order[b[0] as usize..b[1] as usize] {
+                let bag = bags.bag_of[p as usize];
+                let mut w = self
+                    .per_sample_weights
+                    .map_or(1.0, |w| w[p as usize] as f64);
+                if self.scale_grad_by_freq {
+                    w /= count;
+                }
+                if matches!(self.mode, BagGradMode::Mean) {
+                    w /= bags.sizes[bag as usize] as f64;
+                }
+                items.push(bag);
+                weights.push(w as f32);
+            }
+        }
+        Ok(write(
+            &groups,
+            &Source::Rows {
+                src: grad_output,
+                items: &items,
+                weights: &weights,
+            },
+        ))
+    }
+
+    /// Validate everything; work out each entry's bag and each bag's non-padding size.
+    fn check(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Bags> {
+        let n = self.indices.len();
+        if n > u32::MAX as usize {
+            return Err(too_many(n));
+        }
+        let padding = self
+            .padding_idx
+            .map(|p| index::normalize_padding_idx(p, rows))
+            .transpose()?;
+        index::validate(self.indices, rows)?;
+        if let Some(w) = self.per_sample_weights {
+            if !matches!(self.mode, BagGradMode::Sum) {
+                return Err(Error::PerSampleWeights(
+                    "per_sample_weights are only supported with mode='sum'".into(),
+                ));
+            }
+            if w.len() != n {
+                return Err(Error::PerSampleWeights(format!(
+                    "{} weights given for {n} indices",
+                    w.len()
+                )));
+            }
+        }
+        let mut bag_of = vec![NO_BAG; n];
+        let num_bags = match self.layout {
+            BagLayout::Fixed { bag_size } => {
+                let bags = if bag_size == 0 {
+                    if n > 0 {
+                        return Err(Error::ShapeMismatch(format!(
+                            "{n} indices cannot form bags of 0"
+                        )));
+                    }
+                    if dim == 0 {
+                        0
+                    } else {
+                        grad_output.len() / dim
+                    }
+                } else {
+                    if n % bag_size != 0 {
+                        return Err(Error::ShapeMismatch(format!(
+                            "{n} indices cannot form bags of {bag_size}"
+                        )));
+                    }
+                    n / bag_size
+                };
+                if bag_size > 0 {
+                    for (p, b) in bag_of.iter_mut().enumerate() {
+                        *b = (p / bag_size) as u32;
+                    }
+                }
+                bags
+            }
+            BagLayout::Offsets {
+                offsets,
+                include_last_offset,
+            } => {
+                check_offsets(offsets, n, include_last_offset)?;
+                let bags = offsets.len() - usize::from(include_last_offset);
+                for b in 0..bags {
+                    let start = offsets[b] as usize;
+                    let end = offsets.get(b + 1).map_or(n, |&e| e as usize);
+                    bag_of[start..end].fill(b as u32);
+                }
+                bags
+            }
+        };
+        if num_bags >= u32::MAX as usize {
+            return Err(too_many(num_bags));
+        }
+        check_grad_output("grad_output (bags × dim)", grad_output.len(), num_bags, dim)?;
+        let mut sizes = vec![0u32; num_bags];
+        for (p, i) in self.indices.iter().enumerate() {
+            let b = bag_of[p];
+            if b != NO_BAG && Some(i.as_wrapped_u64() as usize) != padding {
+                sizes[b as usize] += 1;
+            }
+        }
+        if let BagGradMode::Max { max_indices } = self.mode {
+            check_grad_output("max_indices (bags × dim)", max_indices.len(), num_bags, dim)?;
+            if num_bags.saturating_mul(dim) > u32::MAX as usize {
+                return Err(too_many(num_bags * dim));
+            }
+            for (f, &m) in max_indices.iter().enumerate() {
+                if sizes[f / dim] > 0 && (m < 0 || m as u64 >= rows as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "max_indices[{}, {}] = {m} is out of range for a table of {rows} rows",
+                        f / dim,
+                        f % dim
+                    )));
+                }
+            }
+        }
+        Ok(Bags {
+            bag_of,
+            sizes,
+            padding,
+        })
+    }
+}
+
+/// PyTorch's offset rules: `offsets[0] == 0`, non-decreasing, last at most `n`.
+fn check_offsets(offsets: &[i64], n: usize, include_last_offset: bool) -> Result<()> {
+    if include_last_offset && offsets.is_empty() {
+        return Err(Error::BadOffsets(
+            "include_last_offset needs at least one offset".into(),
+        ));
+    }
+    if let Some(&first) = offsets.first() {
+        if first != 0 {
+            return Err(Error::BadOffsets(format!(
+                "offsets[0] must be 0 (the first bag starts at the first index), got {first}"
+            )));
+        }
+    }
+    if let Some(k) = offsets.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::BadOffsets(format!(
+            "offsets must be non-decreasing: offsets[{}] = {} is below offsets[{k}] = {}",
+            k + 1,
+            offsets[k + 1],
+            offsets[k]
+        )));
+    }
+    if let Some(&last) = offsets.last() {
+        if last as u64 > n as u64 {
+            return Err(Error::BadOffsets(format!(
+                "the last offset {last} is beyond the {n} indices"
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared checks
+
+fn checked_len(rows: usize, dim: usize) -> Result<usize> {
+    rows.checked_mul(dim)
+        .ok_or_else(|| Error::InvalidArgument("gradient size overflows".into()))
+}
+
+fn check_grad_output(what: &str, len: usize, n: usize, dim: usize) -> Result<()> {
+    match n.checked_mul(dim) {
+        Some(expected) if expected == len => Ok(()),
+        _ => Err(Error::ShapeMismatch(format!(
+            "{what} holds {len} elements, expected {n} × {dim}"
+        ))),
+    }
+}
+
+fn check_grad_weight(rows: usize, dim: usize, actual: usize) -> Result<()> {
+    let expected = checked_len(rows, dim)?;
+    if expected != actual {
+        return Err(Error::OutputLength { expected, actual });
+    }
+    Ok(())
+}
+
+fn too_many(n: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "{n} contributions exceed the gradient engine's limit of {} per call",
+        u32::MAX - 1
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouping by row
+
+/// Contributions grouped by table row: `order[bounds[s]..bounds[s + 1]]` are the items of
+/// segment `s`, in ascending item order, all for table row `seg_rows[s]`; `seg_rows` ascends.
+pub(crate) struct Groups {
+    order: Vec<u32>,
+    bounds: Vec<u32>,
+    seg_rows: Vec<usize>,
+}
+
+impl Groups {
+    /// Group items `0..n` by `row_of(item)` (`None`: skipped; rows below `num_rows`).
+    fn build(n: usize, num_rows: usize, row_of: impl Fn(usize) -> Option<usize>) -> Result<Groups> {
+        if n > (u32::MAX - 1) as usize {
+            return Err(too_many(n));
+        }
+        let mut order = Vec::new();
+        let mut bounds = vec![0u32];
+        let mut seg_rows = Vec::new();
+        let mut push = |row: usize, item: u32| {
+            if seg_rows.last() != Some(&row) {
+                if !seg_rows.is_empty() {
+                    bounds.push(order.len() as u32);
+                }
+                seg_rows.push(row);
+            }
+            order.push(item);
+        };
+        if num_rows as u64 <= 1u64 << 32 {
+            // Keys (row << 32 | item): a stable sort by the row bits keeps items ascending.
+            let mut keys: Vec<u64> = (0..n)
+                .filter_map(|i| row_of(i).map(|r| (r as u64) << 32 | i as u64))
+                .collect();
+            let row_bits = u64::BITS - (num_rows.saturating_sub(1) as u64).leading_zeros();
+            sort_by_high_bits(&mut keys, row_bits);
+            for k in keys {
+                push((k >> 32) as usize, k as u32);
+            }
+        } else {
+            let mut keys: Vec<(usize, u32)> = (0..n)
+                .filter_map(|i| row_of(i).map(|r| (r, i as u32)))
+                .collect();
+            keys.sort_unstable();
+            for (r, i) in keys {
+                push(r, i);
+            }
+        }
+        if !seg_rows.is_empty() {
+            bounds.push(order.len() as u32);
+        }
+        Ok(Groups {
+            order,
+            bounds,
+            seg_rows,
+        })
+    }
+
+    /// Per-item weights: one, or `1 / count` of the item's segment (f64, rounded once).
+    fn weights(&self, scale_grad_by_freq: bool) -> Vec<f32> {
+        if !scale_grad_by_freq {
+            return vec![1.0; self.order.len()];
+        }
+        let mut w = Vec::with_capacity(self.order.len());
+        for b in self.bounds.windows(2) {
+            let n = b[1] - b[0];
+            w.extend(std::iter::repeat((1.0 / n as f64) as f32).take(n as usize));
+        }
+        w
+    }
+}
+
+/// Sort `keys` by bits `32 .. 32 + row_bits`, stably: LSD radix passes of [`DIGIT_BITS`], a
+/// pass skipped when every key has the same digit. Small inputs are sorted by comparison
+/// (the whole key, which is the same order because the low bits ascend within a row).
+fn sort_by_high_bits(keys: &mut Vec<u64>, row_bits: u32) {
+    if keys.len() < RADIX_MIN {
+        keys.sort_unstable();
+        return;
+    }
+    let radix = 1usize << DIGIT_BITS;
+    let mask = (radix - 1) as u64;
+    let mut tmp = vec![0u64; keys.len()];
+    let mut shift = 32;
+    while shift < 32 + row_bits {
+        let mut counts = vec![0usize; radix];
+        for &k in keys.iter() {
+            counts[((k >> shift) & mask) as usize] += 1;
+        }
+        if counts.iter().any(|&c| c == keys.len()) {
+            shift += DIGIT_BITS;
+            continue;
+        }
+        let mut sum = 0;
+        for c in counts.iter_mut() {
+            let here = *c;
+            *c = sum;
+            sum += here;
+        }
+        for &k in keys.iter() {
+            let d = ((k >> shift) & mask) as usize;
+            tmp[counts[d]] = k;
+            counts[d] += 1;
+        }
+        std::mem::swap(keys, &mut tmp);
+        shift += DIGIT_BITS;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reduction
+
+/// Where a segment's contributions come from.
+pub(crate) enum Source<'s> {
+    /// Whole rows of `src` (`dim` wide): item `a` of a segment is row `items[a]` times
+    /// `weights[a]`, reduced by the SIMD kernel.
+    Rows {
+        src: &'s [f32],
+        items: &'s [u32],
+        weights: &'s [f32],
+    },
+    /// Single elements (max mode): item `a` adds `src[items[a]]` to column `items[a] % dim`.
+    Elements {
+        src: &'s [f32],
+        items: &'s [u32],
+        dim: usize,
+    },
+}
+
+/// Reduce segments `segs` into `dst`, segment `s` going to row `dst_row(s)`.
+fn reduce(
+    k: &GradKernels,
+    groups: &Groups,
+    source: &Source<'_>,
+    dim: usize,
+    segs: Range<usize>,
+    dst_row: impl Fn(usize) -> usize,
+    dst: &mut [f32],
+) {
+    match *source {
+        Source::Rows {
+            src,
+            items,
+            weights,
+        } => {
+            let mut rows_buf = [0usize; BATCH];
+            let mut s = segs.start;
+            while s < segs.end {
+                let e = (s + BATCH).min(segs.end);
+                for (slot, seg) in rows_buf.iter_mut().zip(s..e) {
+                    *slot = dst_row(seg);
+                }
+                let a0 = groups.bounds[s] as usize;
+                let a1 = groups.bounds[e] as usize;
+                let ahead = (a1 + PREFETCH_DISTANCE).min(items.len());
+                // SAFETY: items are positions (or bags) below src.len() / dim, as built from
+                // validated input; bounds ascend and index `items`/`weights` within their
+                // lengths; the segments' destination rows are distinct table rows (or output
+                // slots) inside `dst`; the kernels were built for an ISA this CPU has.
+                unsafe {
+                    (k.reduce_segments)(
+                        src,
+                        dim,
+                        &items[a0..ahead],
+                        &weights[a0..a1],
+                        &groups.bounds[s..=e],
+                        &rows_buf[..e - s],
+                        dst,
+                    )
+                };
+                s = e;
+            }
+        }
+        Source::Elements { src, items, dim } => {
+            for s in segs {
+                let out = &mut dst[dst_row(s) * dim..(dst_row(s) + 1) * dim];
+                out.fill(0.0);
+                let (a0, a1) = (groups.bounds[s] as usize, groups.bounds[s + 1] as usize);
+                for &f in &items[a0..a1] {
+                    out[f as usize % dim] += src[f as usize];
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of work per unit when `units` share `n` contributions of `dim` f32 each.
+fn bytes_per_unit(units: usize, n: usize, dim: usize) -> usize {
+    dim.saturating_mul(4)
+        .saturating_mul(1 + n.div_ceil(units.max(1)))
+}
+
+/// The dense gradient: rows split across threads, each row written by one thread.
+fn write_dense(
+    k: &GradKernels,
+    groups: &Groups,
+    source: &Source<'_>,
+    rows: usize,
+    dim: usize,
+    out: &mut [f32],
+) {
+    if dim == 0 || rows == 0 {
+        return;
+    }
+    let run = |first: usize, out: &mut [f32]| {
+        let count = out.len() / dim;
+        let s0 = groups.seg_rows.partition_point(|&r| r < first);
+        let s1 = groups.seg_rows.partition_point(|&r| r < first + count);
+        let mut next = first;
+        for &r in &groups.seg_rows[s0..s1] {
+            out[(next - first) * dim..(r - first) * dim].fill(0.0);
+            next = r + 1;
+        }
+        out[(next - first) * dim..].fill(0.0);
+        reduce(
+            k,
+            groups,
+            source,
+            dim,
+            s0..s1,
+            |s| groups.seg_rows[s] - first,
+            out,
+        );
+    };
+    match parallel::chunk_items(rows, bytes_per_unit(rows, groups.order.len(), dim)) {
+        None => run(0, out),
+        Some(chunk) => out
+            .par_chunks_mut(chunk * dim)
+            .enumerate()
+            .for_each(|(c, out)| run(c * chunk, out)),
+    }
+}
+
+/// The coalesced gradient: segments split across threads.
+fn write_coalesced(
+    k: &GradKernels,
+    groups: &Groups,
+    source: &Source<'_>,
+    rows: usize,
+    dim: usize,
+) -> CoalescedGrad {
+    let segs = groups.seg_rows.len();
+    let mut values = vec![0.0f32; segs * dim];
+    if dim > 0 && segs > 0 {
+        let run = |first: usize, out: &mut [f32]| {
+            let count = out.len() / dim;
+            reduce(
+                k,
+                groups,
+                source,
+                dim,
+                first..first + count,
+                |s| s - first,
+                out,
+            );
+        };
+        match parallel::chunk_items(segs, bytes_per_unit(segs, groups.order.len(), dim)) {
+            None => run(0, &mut values),
+            Some(chunk) => values
+                .par_chunks_mut(chunk * dim)
+                .enumerate()
+                .for_each(|(c, out)| run(c * chunk, out)),
+        }
+    }
+    CoalescedGrad {
+        rows: groups.seg_rows.clone(),
+        values,
+        num_rows: rows,
+        dim,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng;
+
+    #[test]
+    fn grouping_is_a_stable_sort_by_row() {
+        let mut rng = Rng::new(3);
+        for (n, rows) in [
+            (0usize, 1usize),
+            (10, 3),
+            (5000, 7),
+            (20000, 100_000),
+            (9000, 1 << 23),
+        ] {
+            let idx: Vec<usize> = (0..n).map(|_| rng.below(rows as u64) as usize).collect();
+            let g = Groups::build(n, rows, |i| (idx[i] % 5 != 1).then_some(idx[i])).unwrap();
+            let mut want: Vec<(usize, u32)> = (0..n)
+                .filter(|&i| idx[i] % 5 != 1)
+                .map(|i| (idx[i], i as u32))
+                .collect();
+            want.sort();
+            let got: Vec<(usize, u32)> = g
+                .bounds
+                .windows(2)
+                .enumerate()
+                .flat_map(|(s, b)| {
+                    let r = g.seg_rows[s];
+                    g.order[b[0] as usize..b[1] as usize]
+                        .iter()
+                        .map(move |&i| (r, i))
+                })
+                .collect();
+            assert_eq!(got, want, "n {n} rows {rows}");
+            assert!(g.seg_rows.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(g.bounds.len(), g.seg_rows.len() + 1);
+        }
+    }
+}
