@@ -111,7 +111,7 @@ impl SparseGrad {
 
     /// Sum duplicate rows (in pair order) and sort by row.
     pub fn coalesce(&self) -> CoalescedGrad {
-        let groups = Groups::build(self.indices.len(), self.num_rows, |i| {
+        let groups = Groups::build(self.indices.len(), self.num_rows, Form::Compact, |i| {
             Some(self.indices[i] as usize)
         })
         .expect("the pairs' count was checked when they were made");
@@ -121,13 +121,16 @@ impl SparseGrad {
             items: &groups.order,
             weights: &weights,
         };
+        let mut out = CoalescedGrad::empty();
         write_coalesced(
             &GradKernels::detect(),
             &groups,
             &source,
             self.num_rows,
             self.dim,
-        )
+            &mut out,
+        );
+        out
     }
 
     /// The dense `num_rows × dim` gradient (duplicates summed in pair order).
@@ -178,6 +181,16 @@ impl CoalescedGrad {
             num_rows,
             dim,
         })
+    }
+
+    /// An empty gradient (of a 0 × 0 table): a buffer for the `coalesced_into` methods.
+    pub fn empty() -> Self {
+        CoalescedGrad {
+            rows: Vec::new(),
+            values: Vec::new(),
+            num_rows: 0,
+            dim: 0,
+        }
     }
 
     /// The distinct table rows, ascending.
@@ -284,7 +297,7 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
         dim: usize,
         grad_weight: &mut [f32],
     ) -> Result<()> {
-        let prepared = self.prepare(grad_output, rows, dim)?;
+        let prepared = self.prepare(grad_output, rows, dim, Form::PerRow)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
         let weights = prepared.weights(self.scale_grad_by_freq);
         let source = Source::Rows {
@@ -307,20 +320,30 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
     /// ascending, each with its summed gradient (scaled by frequency when asked: the same
     /// numbers as the dense gradient's rows).
     pub fn coalesced(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<CoalescedGrad> {
-        let prepared = self.prepare(grad_output, rows, dim)?;
+        let mut out = CoalescedGrad::empty();
+        self.coalesced_into(grad_output, rows, dim, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::coalesced`] into an existing gradient, reusing its memory (a training loop
+    /// then allocates nothing per step once the buffers have grown). On error `out` is
+    /// untouched.
+    pub fn coalesced_into(
+        &self,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        out: &mut CoalescedGrad,
+    ) -> Result<()> {
+        let prepared = self.prepare(grad_output, rows, dim, Form::Compact)?;
         let weights = prepared.weights(self.scale_grad_by_freq);
         let source = Source::Rows {
             src: grad_output,
             items: &prepared.order,
             weights: &weights,
         };
-        Ok(write_coalesced(
-            &GradKernels::detect(),
-            &prepared,
-            &source,
-            rows,
-            dim,
-        ))
+        write_coalesced(&GradKernels::detect(), &prepared, &source, rows, dim, out);
+        Ok(())
     }
 
     /// The sparse gradient as PyTorch returns it: one pair per non-padding lookup, in lookup
@@ -364,10 +387,10 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
     }
 
     /// Validate and group positions by row.
-    fn prepare(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Groups> {
+    fn prepare(&self, grad_output: &[f32], rows: usize, dim: usize, form: Form) -> Result<Groups> {
         let padding = self.check(grad_output, rows, dim)?;
         let indices = self.indices;
-        Groups::build(indices.len(), rows, |p| {
+        Groups::build(indices.len(), rows, form, |p| {
             let r = indices[p].as_wrapped_u64() as usize;
             (Some(r) != padding).then_some(r)
         })
@@ -513,20 +536,44 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         let bags = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
         let k = GradKernels::detect();
-        self.with_plan(&bags, grad_output, rows, dim, |groups, source| {
-            write_dense(&k, groups, source, rows, dim, grad_weight)
-        })
+        self.with_plan(
+            &bags,
+            grad_output,
+            rows,
+            dim,
+            Form::PerRow,
+            |groups, source| write_dense(&k, groups, source, rows, dim, grad_weight),
+        )
     }
 
     /// The coalesced gradient: distinct rows with a gradient, ascending, summed (the same
     /// numbers as the dense gradient's rows). In max mode the rows are those that won a
     /// column of a non-empty bag.
     pub fn coalesced(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<CoalescedGrad> {
+        let mut out = CoalescedGrad::empty();
+        self.coalesced_into(grad_output, rows, dim, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::coalesced`] into an existing gradient, reusing its memory. On error `out` is
+    /// untouched.
+    pub fn coalesced_into(
+        &self,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        out: &mut CoalescedGrad,
+    ) -> Result<()> {
         let bags = self.check(grad_output, rows, dim)?;
         let k = GradKernels::detect();
-        self.with_plan(&bags, grad_output, rows, dim, |groups, source| {
-            write_coalesced(&k, groups, source, rows, dim)
-        })
+        self.with_plan(
+            &bags,
+            grad_output,
+            rows,
+            dim,
+            Form::Compact,
+            |groups, source| write_coalesced(&k, groups, source, rows, dim, out),
+        )
     }
 
     /// The sparse gradient as PyTorch's `sparse=True` bag backward returns it: one pair per
@@ -585,13 +632,14 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         grad_output: &[f32],
         rows: usize,
         dim: usize,
+        form: Form,
         write: impl FnOnce(&Groups, &Source<'_>) -> T,
     ) -> Result<T> {
         let indices = self.indices;
         if let BagGradMode::Max { max_indices } = self.mode {
             // Contributions are single elements: (bag, column) -> the winning row.
             let n = bags.sizes.len() * dim;
-            let groups = Groups::build(n, rows, |f| {
+            let groups = Groups::build(n, rows, form, |f| {
                 (bags.sizes[f / dim] > 0).then(|| max_indices[f] as usize)
             })?;
             return Ok(write(
@@ -603,7 +651,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
                 },
             ));
         }
-        let groups = Groups::build(indices.len(), rows, |p| {
+        let groups = Groups::build(indices.len(), rows, form, |p| {
             let r = indices[p].as_wrapped_u64() as usize;
             (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
         })?;
@@ -665,31 +713,25 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         let mut bag_of = vec![NO_BAG; n];
         let num_bags = match self.layout {
             BagLayout::Fixed { bag_size } => {
-                let bags = if bag_size == 0 {
+                if bag_size == 0 {
                     if n > 0 {
                         return Err(Error::ShapeMismatch(format!(
                             "{n} indices cannot form bags of 0"
                         )));
                     }
-                    if dim == 0 {
-                        0
-                    } else {
-                        grad_output.len() / dim
-                    }
+                    // (bags, 0) indices: the bag count comes from grad_output.
+                    grad_output.len().checked_div(dim).unwrap_or(0)
                 } else {
                     if n % bag_size != 0 {
                         return Err(Error::ShapeMismatch(format!(
                             "{n} indices cannot form bags of {bag_size}"
                         )));
                     }
-                    n / bag_size
-                };
-                if bag_size > 0 {
-                    for (p, b) in bag_of.iter_mut().enumerate() {
-                        *b = (p / bag_size) as u32;
+                    for (b, bag) in bag_of.chunks_mut(bag_size).enumerate() {
+                        bag.fill(b as u32);
                     }
+                    n / bag_size
                 }
-                bags
             }
             BagLayout::Offsets {
                 offsets,
@@ -806,23 +848,69 @@ fn too_many(n: usize) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Grouping by row
 
+/// How grouped contributions are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// One segment per table row, empty ones included: segment `s` is row `s`. What a dense
+    /// gradient wants (the kernel writes the zero rows itself).
+    PerRow,
+    /// Only rows with contributions, ascending, listed in `seg_rows`.
+    Compact,
+}
+
 /// Contributions grouped by table row: `order[bounds[s]..bounds[s + 1]]` are the items of
-/// segment `s`, in ascending item order, all for table row `seg_rows[s]`; `seg_rows` ascends.
+/// segment `s`, in ascending item order, all for table row [`Groups::seg_row`]`(s)`, rows
+/// ascending.
 pub(crate) struct Groups {
     order: Vec<u32>,
     bounds: Vec<u32>,
-    seg_rows: Vec<usize>,
+    /// The row of each segment ([`Form::Compact`]), or `None` when segment `s` is row `s`.
+    seg_rows: Option<Vec<usize>>,
 }
 
 impl Groups {
     /// Group items `0..n` by `row_of(item)` (`None`: skipped; rows below `num_rows`).
-    fn build(n: usize, num_rows: usize, row_of: impl Fn(usize) -> Option<usize>) -> Result<Groups> {
+    ///
+    /// A counting sort (one pass to count, one to place) when a per-row count array is no
+    /// larger than the work (always for [`Form::PerRow`], whose output has a row per row
+    /// anyway); otherwise a radix sort of `(row, item)` keys, whose cost follows `n` only.
+    fn build(
+        n: usize,
+        num_rows: usize,
+        form: Form,
+        row_of: impl Fn(usize) -> Option<usize>,
+    ) -> Result<Groups> {
         if n > (u32::MAX - 1) as usize {
             return Err(too_many(n));
         }
-        let mut order = Vec::new();
+        if form == Form::PerRow || num_rows <= n.saturating_mul(4) {
+            let (order, bounds) = counting_sort(n, num_rows, &row_of);
+            if form == Form::PerRow {
+                return Ok(Groups {
+                    order,
+                    bounds,
+                    seg_rows: None,
+                });
+            }
+            // Keep the rows with contributions.
+            let mut seg_rows = Vec::with_capacity(order.len().min(num_rows));
+            let mut compact = Vec::with_capacity(order.len().min(num_rows) + 1);
+            compact.push(0u32);
+            for (r, b) in bounds.windows(2).enumerate() {
+                if b[1] > b[0] {
+                    seg_rows.push(r);
+                    compact.push(b[1]);
+                }
+            }
+            return Ok(Groups {
+                order,
+                bounds: compact,
+                seg_rows: Some(seg_rows),
+            });
+        }
+        let mut order = Vec::with_capacity(n);
         let mut bounds = vec![0u32];
-        let mut seg_rows = Vec::new();
+        let mut seg_rows: Vec<usize> = Vec::new();
         let mut push = |row: usize, item: u32| {
             if seg_rows.last() != Some(&row) {
                 if !seg_rows.is_empty() {
@@ -857,8 +945,18 @@ impl Groups {
         Ok(Groups {
             order,
             bounds,
-            seg_rows,
+            seg_rows: Some(seg_rows),
         })
+    }
+
+    /// Number of segments.
+    fn segments(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    /// The table row of segment `s`.
+    fn seg_row(&self, s: usize) -> usize {
+        self.seg_rows.as_ref().map_or(s, |r| r[s])
     }
 
     /// Per-item weights: one, or `1 / count` of the item's segment (f64, rounded once).
@@ -873,6 +971,36 @@ impl Groups {
         }
         w
     }
+}
+
+/// Counting sort of items by row: `bounds` (`num_rows + 1` entries) delimits each row's items
+/// in `order`, items ascending within a row.
+fn counting_sort(
+    n: usize,
+    num_rows: usize,
+    row_of: &impl Fn(usize) -> Option<usize>,
+) -> (Vec<u32>, Vec<u32>) {
+    // Count row r at bounds[r + 1]; the prefix sum makes bounds[r] the start of row r; placing
+    // items advances bounds[r] to the start of row r + 1, and one shift restores the starts.
+    let mut bounds = vec![0u32; num_rows + 1];
+    for i in 0..n {
+        if let Some(r) = row_of(i) {
+            bounds[r + 1] += 1;
+        }
+    }
+    for r in 0..num_rows {
+        bounds[r + 1] += bounds[r];
+    }
+    let mut order = vec![0u32; bounds[num_rows] as usize];
+    for i in 0..n {
+        if let Some(r) = row_of(i) {
+            order[bounds[r] as usize] = i as u32;
+            bounds[r] += 1;
+        }
+    }
+    bounds.copy_within(0..num_rows, 1);
+    bounds[0] = 0;
+    (order, bounds)
 }
 
 /// Sort `keys` by bits `32 .. 32 + row_bits`, stably: LSD radix passes of [`DIGIT_BITS`], a
@@ -892,7 +1020,7 @@ fn sort_by_high_bits(keys: &mut Vec<u64>, row_bits: u32) {
         for &k in keys.iter() {
             counts[((k >> shift) & mask) as usize] += 1;
         }
-        if counts.iter().any(|&c| c == keys.len()) {
+        if counts.contains(&keys.len()) {
             shift += DIGIT_BITS;
             continue;
         }
@@ -995,7 +1123,8 @@ fn bytes_per_unit(units: usize, n: usize, dim: usize) -> usize {
         .saturating_mul(1 + n.div_ceil(units.max(1)))
 }
 
-/// The dense gradient: rows split across threads, each row written by one thread.
+/// The dense gradient from [`Form::PerRow`] groups: rows split across threads, each row
+/// written once, by one thread (rows without contributions get zeros from the kernel).
 fn write_dense(
     k: &GradKernels,
     groups: &Groups,
@@ -1004,26 +1133,19 @@ fn write_dense(
     dim: usize,
     out: &mut [f32],
 ) {
+    debug_assert!(groups.seg_rows.is_none() && groups.segments() == rows);
     if dim == 0 || rows == 0 {
         return;
     }
     let run = |first: usize, out: &mut [f32]| {
         let count = out.len() / dim;
-        let s0 = groups.seg_rows.partition_point(|&r| r < first);
-        let s1 = groups.seg_rows.partition_point(|&r| r < first + count);
-        let mut next = first;
-        for &r in &groups.seg_rows[s0..s1] {
-            out[(next - first) * dim..(r - first) * dim].fill(0.0);
-            next = r + 1;
-        }
-        out[(next - first) * dim..].fill(0.0);
         reduce(
             k,
             groups,
             source,
             dim,
-            s0..s1,
-            |s| groups.seg_rows[s] - first,
+            first..first + count,
+            |s| s - first,
             out,
         );
     };
@@ -1036,16 +1158,22 @@ fn write_dense(
     }
 }
 
-/// The coalesced gradient: segments split across threads.
+/// The coalesced gradient: segments split across threads. `out`'s buffers are reused.
 fn write_coalesced(
     k: &GradKernels,
     groups: &Groups,
     source: &Source<'_>,
     rows: usize,
     dim: usize,
-) -> CoalescedGrad {
-    let segs = groups.seg_rows.len();
-    let mut values = vec![0.0f32; segs * dim];
+    out: &mut CoalescedGrad,
+) {
+    let segs = groups.segments();
+    out.rows.clear();
+    out.rows.extend((0..segs).map(|s| groups.seg_row(s)));
+    out.values.clear();
+    out.values.resize(segs * dim, 0.0);
+    out.num_rows = rows;
+    out.dim = dim;
     if dim > 0 && segs > 0 {
         let run = |first: usize, out: &mut [f32]| {
             let count = out.len() / dim;
@@ -1060,18 +1188,13 @@ fn write_coalesced(
             );
         };
         match parallel::chunk_items(segs, bytes_per_unit(segs, groups.order.len(), dim)) {
-            None => run(0, &mut values),
-            Some(chunk) => values
+            None => run(0, &mut out.values),
+            Some(chunk) => out
+                .values
                 .par_chunks_mut(chunk * dim)
                 .enumerate()
                 .for_each(|(c, out)| run(c * chunk, out)),
         }
-    }
-    CoalescedGrad {
-        rows: groups.seg_rows.clone(),
-        values,
-        num_rows: rows,
-        dim,
     }
 }
 
@@ -1083,34 +1206,45 @@ mod tests {
     #[test]
     fn grouping_is_a_stable_sort_by_row() {
         let mut rng = Rng::new(3);
+        // Counting sort (rows <= 4n), radix sort (rows > 4n, >= 4096 keys), comparison sort.
         for (n, rows) in [
             (0usize, 1usize),
             (10, 3),
             (5000, 7),
             (20000, 100_000),
             (9000, 1 << 23),
+            (100, 1 << 20),
         ] {
             let idx: Vec<usize> = (0..n).map(|_| rng.below(rows as u64) as usize).collect();
-            let g = Groups::build(n, rows, |i| (idx[i] % 5 != 1).then_some(idx[i])).unwrap();
             let mut want: Vec<(usize, u32)> = (0..n)
                 .filter(|&i| idx[i] % 5 != 1)
                 .map(|i| (idx[i], i as u32))
                 .collect();
             want.sort();
-            let got: Vec<(usize, u32)> = g
-                .bounds
-                .windows(2)
-                .enumerate()
-                .flat_map(|(s, b)| {
-                    let r = g.seg_rows[s];
-                    g.order[b[0] as usize..b[1] as usize]
-                        .iter()
-                        .map(move |&i| (r, i))
-                })
-                .collect();
-            assert_eq!(got, want, "n {n} rows {rows}");
-            assert!(g.seg_rows.windows(2).all(|w| w[0] < w[1]));
-            assert_eq!(g.bounds.len(), g.seg_rows.len() + 1);
+            for form in [Form::PerRow, Form::Compact] {
+                let g =
+                    Groups::build(n, rows, form, |i| (idx[i] % 5 != 1).then_some(idx[i])).unwrap();
+                let got: Vec<(usize, u32)> = g
+                    .bounds
+                    .windows(2)
+                    .enumerate()
+                    .flat_map(|(s, b)| {
+                        let r = g.seg_row(s);
+                        g.order[b[0] as usize..b[1] as usize]
+                            .iter()
+                            .map(move |&i| (r, i))
+                    })
+                    .collect();
+                assert_eq!(got, want, "n {n} rows {rows} {form:?}");
+                let seg_rows: Vec<usize> = (0..g.segments()).map(|s| g.seg_row(s)).collect();
+                assert!(seg_rows.windows(2).all(|w| w[0] < w[1]));
+                match form {
+                    Form::PerRow => assert_eq!(g.segments(), rows),
+                    Form::Compact => {
+                        assert!((0..g.segments()).all(|s| g.bounds[s] < g.bounds[s + 1]))
+                    }
+                }
+            }
         }
     }
 }

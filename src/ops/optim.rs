@@ -421,7 +421,8 @@ mod tests {
     fn stochastic_rounding_picks_a_neighbour_with_the_right_frequency() {
         let mut rng = Rng::new(5);
         for v in [1.0f32 + 1.0 / 512.0, -3.3, 1e-6, 60000.5, -7.0e-8] {
-            let cases: [(&str, fn(f32, u32) -> f32, f32); 2] = [
+            type Round = fn(f32, u32) -> f32;
+            let cases: [(&str, Round, f32); 2] = [
                 ("bf16", stochastic_bf16, bf16::from_f32(v).to_f32()),
                 ("f16", stochastic_f16, f16::from_f32(v).to_f32()),
             ];
