@@ -23,7 +23,9 @@
 //! SIMD kernel of [`crate::kernels::grad`], one row per thread, rows split across rayon's
 //! threads. No atomics and no float races: each row's sum has one fixed order, so the result
 //! is the same bit for bit whatever the thread count. A row's sum is
-//! `((0 + w₀·g₀) + w₁·g₁) + …` in position order, as PyTorch's CPU backward accumulates it.
+//! `fma(w₁, g₁, fma(w₀, g₀, 0)) …` in position order, as PyTorch's CPU backward accumulates it
+//! (its `add_(grad, alpha=scale)` is a fused multiply-add): the PyTorch cases match bit for
+//! bit, frequency-scaled ones included.
 //!
 //! ```
 //! use embedding_lookup::ops::grad::EmbeddingBackward;
@@ -79,6 +81,28 @@ pub struct SparseGrad {
 }
 
 impl SparseGrad {
+    /// A sparse gradient from parts: `indices` in `0..num_rows` (any order, repeats allowed),
+    /// `values` holding `indices.len() * dim` elements.
+    pub fn new(num_rows: usize, dim: usize, indices: Vec<i64>, values: Vec<f32>) -> Result<Self> {
+        if indices.len().checked_mul(dim) != Some(values.len()) {
+            return Err(Error::ShapeMismatch(format!(
+                "{} values cannot hold {} gradient rows of {dim}",
+                values.len(),
+                indices.len()
+            )));
+        }
+        if indices.len() > (u32::MAX - 1) as usize {
+            return Err(too_many(indices.len()));
+        }
+        index::validate(&indices, num_rows)?;
+        Ok(SparseGrad {
+            indices,
+            values,
+            num_rows,
+            dim,
+        })
+    }
+
     /// The table row of each pair, in lookup order.
     pub fn indices(&self) -> &[i64] {
         &self.indices
@@ -114,7 +138,7 @@ impl SparseGrad {
         let groups = Groups::build(self.indices.len(), self.num_rows, Form::Compact, |i| {
             Some(self.indices[i] as usize)
         })
-        .expect("the pairs' count was checked when they were made");
+        .expect("the pairs' count and rows were checked when they were made");
         let weights = vec![1.0f32; groups.order.len()];
         let source = Source::Rows {
             src: &self.values,
@@ -377,6 +401,9 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
 
     /// Validate; returns the normalised padding row.
     fn check(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Option<usize>> {
+        if self.indices.len() > (u32::MAX - 1) as usize {
+            return Err(too_many(self.indices.len()));
+        }
         check_grad_output("grad_output", grad_output.len(), self.indices.len(), dim)?;
         let padding = self
             .padding_idx
@@ -443,7 +470,10 @@ pub enum BagGradMode<'a> {
 ///
 /// `grad_output` is the gradient of the bag outputs, `bags × dim`. `scale_grad_by_freq`
 /// divides each contribution by its index's count in the whole batch (ignored in max mode,
-/// as PyTorch ignores it there).
+/// as PyTorch ignores it there). PyTorch's CPU kernel for sum/mean bags divides by the count
+/// of a *neighbouring* index in sorted order (`counts[indices_data[i]]`, `i` counting distinct
+/// indices); this crate divides by the index's own count, as the CUDA kernel and the
+/// documentation do.
 ///
 /// ```
 /// use embedding_lookup::ops::grad::{BagGradMode, BagLayout, EmbeddingBagBackward};

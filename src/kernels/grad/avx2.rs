@@ -1,15 +1,15 @@
 //! AVX2 gradient kernel: columns in blocks of 32 (four 8-lane vectors held in registers while
 //! the segment's rows stream past), the last `dim % 8` columns through the scalar expression
-//! (AVX2's masked stores are slow on some CPUs). A multiply and an add per element, never
-//! fused, to match the scalar reference bit for bit.
+//! (AVX2's masked stores are slow on some CPUs). One fused multiply-add per element, as the
+//! scalar reference (`f32::mul_add` compiles to `vfmadd` inside this FMA function).
 
 use std::arch::x86_64::*;
 
 use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
 
 /// # Safety
-/// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; the CPU has AVX2.
-#[target_feature(enable = "avx2")]
+/// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn reduce_segments(
     src: &[f32],
     dim: usize,
@@ -50,14 +50,14 @@ pub(super) unsafe fn reduce_segments(
                         let x1 = _mm256_loadu_ps(row.add(8));
                         let x2 = _mm256_loadu_ps(row.add(16));
                         let x3 = _mm256_loadu_ps(row.add(24));
-                        acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w, x0));
-                        acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w, x1));
-                        acc[2] = _mm256_add_ps(acc[2], _mm256_mul_ps(w, x2));
-                        acc[3] = _mm256_add_ps(acc[3], _mm256_mul_ps(w, x3));
+                        acc[0] = _mm256_fmadd_ps(w, x0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(w, x1, acc[1]);
+                        acc[2] = _mm256_fmadd_ps(w, x2, acc[2]);
+                        acc[3] = _mm256_fmadd_ps(w, x3, acc[3]);
                     } else {
                         for (v, acc) in acc.iter_mut().enumerate().take(nv) {
                             let x = _mm256_loadu_ps(row.add(v * 8));
-                            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, x));
+                            *acc = _mm256_fmadd_ps(w, x, *acc);
                         }
                     }
                 }
@@ -75,8 +75,9 @@ pub(super) unsafe fn reduce_segments(
                 }
                 // SAFETY: as above; j < dim.
                 unsafe {
-                    acc += *weights.get_unchecked(a)
-                        * *sp.add(*items.get_unchecked(a) as usize * dim + j);
+                    acc = weights
+                        .get_unchecked(a)
+                        .mul_add(*sp.add(*items.get_unchecked(a) as usize * dim + j), acc);
                 }
             }
             // SAFETY: j < dim, inside the destination row.

@@ -1,7 +1,6 @@
 //! AVX-512 gradient kernel: columns in blocks of 64 (four 16-lane vectors held in registers
 //! while the segment's rows stream past), masked loads and stores for a partial block, so
-//! there is no scalar remainder. A multiply and an add per element, never fused, to match the
-//! scalar reference bit for bit.
+//! there is no scalar remainder. One fused multiply-add per element, as the scalar reference.
 
 use std::arch::x86_64::*;
 
@@ -60,10 +59,10 @@ pub(super) unsafe fn reduce_segments(
                     let x1 = _mm512_maskz_loadu_ps(m[1], row.wrapping_add(16));
                     let x2 = _mm512_maskz_loadu_ps(m[2], row.wrapping_add(32));
                     let x3 = _mm512_maskz_loadu_ps(m[3], row.wrapping_add(48));
-                    acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(w, x0));
-                    acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(w, x1));
-                    acc[2] = _mm512_add_ps(acc[2], _mm512_mul_ps(w, x2));
-                    acc[3] = _mm512_add_ps(acc[3], _mm512_mul_ps(w, x3));
+                    acc[0] = _mm512_fmadd_ps(w, x0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(w, x1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(w, x2, acc[2]);
+                    acc[3] = _mm512_fmadd_ps(w, x3, acc[3]);
                 }
                 let o = out.add(j0);
                 _mm512_mask_storeu_ps(o, m[0], acc[0]);

@@ -6,15 +6,17 @@
 //! weight, in segment order:
 //!
 //! ```text
-//! dst[dst_rows[k]][j] = ((0 + w[a]·src[items[a]][j]) + w[a+1]·src[items[a+1]][j]) + …
+//! dst[dst_rows[k]][j] = fma(w[a+1], src[items[a+1]][j], fma(w[a], src[items[a]][j], 0)) …
 //!                       for a = bounds[k] .. bounds[k+1]
 //! ```
 //!
-//! Every kernel evaluates exactly that expression, a multiply and then an add (no fused
-//! multiply-add), element by element in item order, so every instruction set produces the same
-//! bits as the scalar reference. Items past the last segment (up to
-//! [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only prefetched, so prefetching runs
-//! ahead across segment and batch boundaries.
+//! Every kernel evaluates exactly that expression: a fused multiply-add per contribution
+//! (one rounding), element by element in item order, starting from +0. That is what
+//! PyTorch's CPU backward does (`grad_weight[k].add_(grad[i], scale)` runs as `fmadd`), so
+//! scaled gradients match PyTorch bit for bit, and with weight 1 it is a plain sum. Every
+//! instruction set produces the same bits as the scalar reference. Items past the last
+//! segment (up to [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only prefetched, so
+//! prefetching runs ahead across segment and batch boundaries.
 
 mod portable;
 pub(crate) mod scalar;
@@ -180,6 +182,33 @@ mod tests {
                         .all(|v| v.to_bits() == 0x7fc0_dead));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn contributions_are_fused_multiply_adds() {
+        // 1 + 2^-23 squared is 1 + 2^-22 + 2^-46: a separate multiply rounds the 2^-46 away,
+        // a fused multiply-add keeps it long enough to round (1 + 2^-22 + 2^-46) - 1 - 2^-22
+        // = 2^-46 exactly: [fma(x, x, -1 - 2^-22)].
+        let x = 1.0f32 + f32::EPSILON;
+        let src = [1.0f32, x];
+        for isa in Isa::all_available() {
+            let k = GradKernels::for_isa(isa).unwrap();
+            let mut dst = [0.0f32; 1];
+            // Row 0 (value 1) times -(1 + 2^-22), then row 1 (value x) times x.
+            // SAFETY: items below 2 rows of width 1, one segment into one destination row.
+            unsafe {
+                (k.reduce_segments)(
+                    &src,
+                    1,
+                    &[0, 1],
+                    &[-(1.0 + 2.0 * f32::EPSILON), x],
+                    &[0, 2],
+                    &[0],
+                    &mut dst,
+                )
+            };
+            assert_eq!(dst[0], 2f32.powi(-46), "{}", k.name());
         }
     }
 

@@ -1,13 +1,15 @@
-//! Portable kernel on `wide` vectors (8 lanes): any CPU. Columns are reduced eight at a time,
-//! four vectors per block held in registers while the segment's rows stream past; the last
-//! `dim % 8` columns go through the scalar expression.
-
-use wide::f32x8;
+//! Portable kernel: any CPU. Columns are reduced in blocks of 32 held in registers (four
+//! groups of eight lanes) while the segment's rows stream past, with `f32::mul_add` per lane.
+//! Where the target has fused multiply-add (aarch64 always, x86_64 with FMA enabled at
+//! compile time) this compiles to vector FMA instructions; elsewhere `mul_add` is a correct
+//! but slower library call (on x86_64 the AVX2 or AVX-512 kernel is picked before this one).
+//! The last `dim % 8` columns go through the scalar expression.
 
 use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
 
-/// Columns per register block: four vectors of eight.
-const BLOCK: usize = 32;
+/// Lanes per group, and groups per register block.
+const LANES: usize = 8;
+const GROUPS: usize = 4;
 
 /// # Safety
 /// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract.
@@ -22,52 +24,56 @@ pub(super) unsafe fn reduce_segments(
 ) {
     let base = bounds[0];
     let sp = src.as_ptr();
-    let vec_cols = dim / 8 * 8;
+    let vec_cols = dim / LANES * LANES;
+    let prefetch = |a: usize| {
+        if let Some(&ahead) = items.get(a + PREFETCH_DISTANCE) {
+            prefetch_read(sp.wrapping_add(ahead as usize * dim) as *const u8, dim * 4);
+        }
+    };
     for (k, b) in bounds.windows(2).enumerate() {
         let (start, end) = ((b[0] - base) as usize, (b[1] - base) as usize);
         // SAFETY: the contract puts dst_rows[k] inside `dst`.
         let out = unsafe { dst.as_mut_ptr().add(*dst_rows.get_unchecked(k) * dim) };
         let mut j0 = 0;
         while j0 < vec_cols {
-            let nv = ((vec_cols - j0) / 8).min(BLOCK / 8);
-            let mut acc = [f32x8::ZERO; BLOCK / 8];
+            let groups = ((vec_cols - j0) / LANES).min(GROUPS);
+            let mut acc = [[0.0f32; LANES]; GROUPS];
             for a in start..end {
-                // SAFETY: a < n <= items.len(), weights.len(); items are inside `src`; the
-                // lookahead item, when present, is only prefetched.
+                if j0 == 0 {
+                    prefetch(a);
+                }
+                // SAFETY: a < n <= items.len(), weights.len(); items are inside `src`, and the
+                // columns j0 .. j0 + groups * LANES are below vec_cols <= dim.
                 unsafe {
-                    if j0 == 0 {
-                        if let Some(&ahead) = items.get(a + PREFETCH_DISTANCE) {
-                            prefetch_read(
-                                sp.wrapping_add(ahead as usize * dim) as *const u8,
-                                dim * 4,
-                            );
-                        }
-                    }
-                    let w = f32x8::splat(*weights.get_unchecked(a));
+                    let w = *weights.get_unchecked(a);
                     let row = sp.add(*items.get_unchecked(a) as usize * dim + j0);
-                    for (v, acc) in acc.iter_mut().enumerate().take(nv) {
-                        let x = f32x8::from(std::ptr::read_unaligned(
-                            row.add(v * 8) as *const [f32; 8]
-                        ));
-                        *acc += w * x;
+                    for (g, acc) in acc.iter_mut().enumerate().take(groups) {
+                        let x = std::ptr::read_unaligned(row.add(g * LANES) as *const [f32; LANES]);
+                        for (acc, x) in acc.iter_mut().zip(x) {
+                            *acc = w.mul_add(x, *acc);
+                        }
                     }
                 }
             }
-            for (v, acc) in acc.iter().enumerate().take(nv) {
-                // SAFETY: columns j0 + v*8 .. +8 are below vec_cols <= dim, inside the row.
+            for (g, acc) in acc.iter().enumerate().take(groups) {
+                // SAFETY: as above, inside the destination row.
                 unsafe {
-                    std::ptr::write_unaligned(out.add(j0 + v * 8) as *mut [f32; 8], acc.to_array())
+                    std::ptr::write_unaligned(out.add(j0 + g * LANES) as *mut [f32; LANES], *acc)
                 };
             }
-            j0 += nv * 8;
+            j0 += groups * LANES;
         }
         for j in vec_cols..dim {
             let mut acc = 0.0f32;
             for a in start..end {
+                if vec_cols == 0 && j == 0 {
+                    prefetch(a);
+                }
                 // SAFETY: as above; j < dim.
                 unsafe {
-                    acc += *weights.get_unchecked(a)
-                        * *sp.add(*items.get_unchecked(a) as usize * dim + j);
+                    acc = weights
+                        .get_unchecked(a)
+                        .mul_add(*sp.add(*items.get_unchecked(a) as usize * dim + j), acc);
                 }
             }
             // SAFETY: j < dim, inside the destination row.

@@ -1,5 +1,5 @@
-//! The reference: one element at a time, bounds-checked, no prefetch. Every other gradient
-//! kernel must produce the same bits.
+//! The reference: one element at a time, bounds-checked, no prefetch, `f32::mul_add` (a true
+//! fused multiply-add on every target). Every other gradient kernel must produce the same bits.
 
 /// # Safety
 /// None beyond [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; this reference
@@ -20,7 +20,7 @@ pub(crate) unsafe fn reduce_segments(
         for (j, o) in out.iter_mut().enumerate() {
             let mut acc = 0.0f32;
             for a in start..end {
-                acc += weights[a] * src[items[a] as usize * dim + j];
+                acc = weights[a].mul_add(src[items[a] as usize * dim + j], acc);
             }
             *o = acc;
         }
