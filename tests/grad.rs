@@ -623,8 +623,9 @@ fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
 #[test]
 fn results_are_bit_identical_across_thread_counts() {
     let mut rng = Rng::new(31);
-    // Large enough that the work is split (several MiB of gradient rows).
-    let (n, rows, dim) = (60_000usize, 20_000usize, 40usize);
+    // Large enough that the work is split (several MiB of gradient rows, and more lookups
+    // than the counting sort handles on one thread).
+    let (n, rows, dim) = (70_000usize, 20_000usize, 40usize);
     let idx = indices(n, rows, &mut rng);
     let go = randn(n * dim, &mut rng);
     let offsets: Vec<i64> = (0..n / 3).map(|b| (b * 3) as i64).collect();

@@ -67,6 +67,10 @@ const DIGIT_BITS: u32 = 11;
 /// Below this many keys a comparison sort beats the radix passes.
 const RADIX_MIN: usize = 4096;
 
+/// Items from which the counting sort is split across threads (each thread scans all items,
+/// so small inputs stay on one).
+const PARALLEL_SORT_MIN: usize = 1 << 16;
+
 // ---------------------------------------------------------------------------------------------
 // Sparse results
 
@@ -908,7 +912,7 @@ impl Groups {
         n: usize,
         num_rows: usize,
         form: Form,
-        row_of: impl Fn(usize) -> Option<usize>,
+        row_of: impl Fn(usize) -> Option<usize> + Sync,
     ) -> Result<Groups> {
         if n > (u32::MAX - 1) as usize {
             return Err(too_many(n));
@@ -1005,31 +1009,93 @@ impl Groups {
 
 /// Counting sort of items by row: `bounds` (`num_rows + 1` entries) delimits each row's items
 /// in `order`, items ascending within a row.
+///
+/// Large inputs are split by row range across threads: every thread scans all items but
+/// counts and places only those of its rows, into its own part of `bounds` and `order`. The
+/// result does not depend on the split.
 fn counting_sort(
     n: usize,
     num_rows: usize,
-    row_of: &impl Fn(usize) -> Option<usize>,
+    row_of: &(impl Fn(usize) -> Option<usize> + Sync),
 ) -> (Vec<u32>, Vec<u32>) {
-    // Count row r at bounds[r + 1]; the prefix sum makes bounds[r] the start of row r; placing
-    // items advances bounds[r] to the start of row r + 1, and one shift restores the starts.
     let mut bounds = vec![0u32; num_rows + 1];
-    for i in 0..n {
-        if let Some(r) = row_of(i) {
-            bounds[r + 1] += 1;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || n < PARALLEL_SORT_MIN || num_rows < threads {
+        // Count row r at bounds[r + 1]; the prefix sum makes bounds[r] the start of row r;
+        // placing items advances bounds[r] to the start of row r + 1, and one shift restores
+        // the starts.
+        for i in 0..n {
+            if let Some(r) = row_of(i) {
+                bounds[r + 1] += 1;
+            }
         }
-    }
-    for r in 0..num_rows {
-        bounds[r + 1] += bounds[r];
-    }
-    let mut order = vec![0u32; bounds[num_rows] as usize];
-    for i in 0..n {
-        if let Some(r) = row_of(i) {
-            order[bounds[r] as usize] = i as u32;
-            bounds[r] += 1;
+        for r in 0..num_rows {
+            bounds[r + 1] += bounds[r];
         }
+        let mut order = vec![0u32; bounds[num_rows] as usize];
+        for i in 0..n {
+            if let Some(r) = row_of(i) {
+                order[bounds[r] as usize] = i as u32;
+                bounds[r] += 1;
+            }
+        }
+        bounds.copy_within(0..num_rows, 1);
+        bounds[0] = 0;
+        return (order, bounds);
     }
-    bounds.copy_within(0..num_rows, 1);
-    bounds[0] = 0;
+    let chunk = num_rows.div_ceil(threads);
+    // Counts, then a prefix sum within each row range: bounds[r + 1] = end of row r, relative
+    // to the range's first row.
+    bounds[1..]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(c, ends)| {
+            let r0 = c * chunk;
+            for i in 0..n {
+                if let Some(r) = row_of(i) {
+                    if let Some(e) = r.checked_sub(r0).and_then(|k| ends.get_mut(k)) {
+                        *e += 1;
+                    }
+                }
+            }
+            for k in 1..ends.len() {
+                ends[k] += ends[k - 1];
+            }
+        });
+    // Each range starts where the previous one ends.
+    let mut bases = Vec::with_capacity(num_rows.div_ceil(chunk));
+    let mut base = 0u32;
+    for ends in bounds[1..].chunks(chunk) {
+        bases.push(base);
+        base += ends[ends.len() - 1];
+    }
+    bounds[1..]
+        .par_chunks_mut(chunk)
+        .zip(bases.par_iter())
+        .for_each(|(ends, &base)| ends.iter_mut().for_each(|e| *e += base));
+    // Place: each range fills its own part of `order`.
+    let mut order = vec![0u32; base as usize];
+    let mut parts = Vec::with_capacity(bases.len());
+    let mut rest = &mut order[..];
+    for (c, &start) in bases.iter().enumerate() {
+        let end = bounds[((c + 1) * chunk).min(num_rows)];
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut((end - start) as usize);
+        rest = tail;
+        parts.push((c * chunk, start, part));
+    }
+    let bounds_ref = &bounds;
+    parts.into_par_iter().for_each(|(r0, start, part)| {
+        let r1 = (r0 + chunk).min(num_rows);
+        let mut cursor: Vec<u32> = bounds_ref[r0..r1].iter().map(|b| b - start).collect();
+        for i in 0..n {
+            if let Some(r) = row_of(i) {
+                if let Some(c) = r.checked_sub(r0).and_then(|k| cursor.get_mut(k)) {
+                    part[*c as usize] = i as u32;
+                    *c += 1;
+                }
+            }
+        }
+    });
     (order, bounds)
 }
 
@@ -1244,6 +1310,8 @@ mod tests {
             (20000, 100_000),
             (9000, 1 << 23),
             (100, 1 << 20),
+            (200_000, 3),
+            (300_000, 100_003),
         ] {
             let idx: Vec<usize> = (0..n).map(|_| rng.below(rows as u64) as usize).collect();
             let mut want: Vec<(usize, u32)> = (0..n)
@@ -1251,9 +1319,21 @@ mod tests {
                 .map(|i| (idx[i], i as u32))
                 .collect();
             want.sort();
-            for form in [Form::PerRow, Form::Compact] {
-                let g =
-                    Groups::build(n, rows, form, |i| (idx[i] % 5 != 1).then_some(idx[i])).unwrap();
+            for (form, threads) in [
+                (Form::PerRow, 1),
+                (Form::PerRow, 2),
+                (Form::PerRow, 7),
+                (Form::Compact, 1),
+                (Form::Compact, 8),
+            ] {
+                let g = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        Groups::build(n, rows, form, |i| (idx[i] % 5 != 1).then_some(idx[i]))
+                    })
+                    .unwrap();
                 let got: Vec<(usize, u32)> = g
                     .bounds
                     .windows(2)
@@ -1265,7 +1345,7 @@ mod tests {
                             .map(move |&i| (r, i))
                     })
                     .collect();
-                assert_eq!(got, want, "n {n} rows {rows} {form:?}");
+                assert_eq!(got, want, "n {n} rows {rows} {form:?} {threads} threads");
                 let seg_rows: Vec<usize> = (0..g.segments()).map(|s| g.seg_row(s)).collect();
                 assert!(seg_rows.windows(2).all(|w| w[0] < w[1]));
                 match form {
