@@ -7,6 +7,11 @@
 //! `sparse` is PyTorch's uncoalesced copy into a fresh allocation; `sgd_step` applies the
 //! coalesced gradient (about 663k distinct rows) to the table.
 //!
+//! Every large buffer (table, `grad_output`, outputs) lives in the crate's owned table storage,
+//! which asks for transparent huge pages, so the gradient's random row reads pay the same TLB
+//! cost as the lookup's; `dense_vec_grad_output` repeats `dense` with `grad_output` in a plain
+//! `Vec` (4 KiB pages) to show what that costs.
+//!
 //! `cargo bench --bench grad` (about a minute).
 
 use std::hint::black_box;
@@ -43,9 +48,13 @@ fn bench(c: &mut Criterion) {
     let idx: Vec<i64> = (0..LOOKUPS)
         .map(|_| rng.below(ROWS as u64) as i64)
         .collect();
-    let go: Vec<f32> = (0..LOOKUPS * DIM).map(|_| rng.normal()).collect();
-    let mut out = vec![0.0f32; LOOKUPS * DIM];
-    let mut gw = vec![0.0f32; ROWS * DIM];
+    let go_vec: Vec<f32> = (0..LOOKUPS * DIM).map(|_| rng.normal()).collect();
+    let go_table = Table::from_slice(&go_vec, LOOKUPS, DIM).unwrap();
+    let go = go_table.as_slice::<f32>().unwrap();
+    let mut out_table = Table::zeros(LOOKUPS, DIM, DType::F32).unwrap();
+    let out = out_table.as_mut_slice::<f32>().unwrap();
+    let mut gw_table = Table::zeros(ROWS, DIM, DType::F32).unwrap();
+    let gw = gw_table.as_mut_slice::<f32>().unwrap();
     let bw = EmbeddingBackward::new(&idx);
 
     let mut g = c.benchmark_group("grad_1M_lookups_1Mx64_f32");
@@ -54,23 +63,26 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(LOOKUPS as u64));
     g.bench_function("lookup", |b| {
-        b.iter(|| table.lookup_into(black_box(&idx), &mut out).unwrap())
+        b.iter(|| table.lookup_into(black_box(&idx), out).unwrap())
     });
     g.bench_function("naive_dense", |b| {
-        b.iter(|| naive_dense(black_box(&idx), &go, &mut gw))
+        b.iter(|| naive_dense(black_box(&idx), go, gw))
     });
     g.bench_function("dense", |b| {
-        b.iter(|| bw.dense_into(black_box(&go), ROWS, DIM, &mut gw).unwrap())
+        b.iter(|| bw.dense_into(black_box(go), ROWS, DIM, gw).unwrap())
     });
-    let mut grad = bw.coalesced(&go, ROWS, DIM).unwrap();
+    g.bench_function("dense_vec_grad_output", |b| {
+        b.iter(|| bw.dense_into(black_box(&go_vec), ROWS, DIM, gw).unwrap())
+    });
+    let mut grad = bw.coalesced(go, ROWS, DIM).unwrap();
     g.bench_function("coalesced", |b| {
         b.iter(|| {
-            bw.coalesced_into(black_box(&go), ROWS, DIM, &mut grad)
+            bw.coalesced_into(black_box(go), ROWS, DIM, &mut grad)
                 .unwrap()
         })
     });
     g.bench_function("sparse", |b| {
-        b.iter(|| black_box(bw.sparse(black_box(&go), ROWS, DIM).unwrap()))
+        b.iter(|| black_box(bw.sparse(black_box(go), ROWS, DIM).unwrap()))
     });
     let mut sgd = Sgd::new(1e-6).unwrap();
     g.bench_function("sgd_step", |b| {
