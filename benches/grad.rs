@@ -4,7 +4,7 @@
 //! is PyTorch's CPU algorithm written plainly (zero the gradient, scatter-add each position
 //! in order, one thread). `dense` includes writing the whole 256 MiB gradient; `coalesced`
 //! writes only the touched rows, into the previous step's buffers (`coalesced_into`);
-//! `sparse` is PyTorch's uncoalesced copy into a fresh allocation; `sgd_step` applies the
+//! `sparse` is PyTorch's uncoalesced copy (`sparse_into`, buffers reused); `sgd_step` applies the
 //! coalesced gradient (about 663k distinct rows) to the table.
 //!
 //! Every large buffer (table, `grad_output`, outputs) lives in the crate's owned table storage,
@@ -81,8 +81,12 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    let mut pairs = bw.sparse(go, ROWS, DIM).unwrap();
     g.bench_function("sparse", |b| {
-        b.iter(|| black_box(bw.sparse(black_box(go), ROWS, DIM).unwrap()))
+        b.iter(|| {
+            bw.sparse_into(black_box(go), ROWS, DIM, &mut pairs)
+                .unwrap()
+        })
     });
     let mut sgd = Sgd::new(1e-6).unwrap();
     g.bench_function("sgd_step", |b| {

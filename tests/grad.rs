@@ -978,3 +978,39 @@ fn coalesced_gradient_of_a_huge_table_matches_the_reference() {
         (&[0usize, 3][..], &[2.0f32, 5.0][..])
     );
 }
+
+#[test]
+fn into_variants_reuse_buffers_and_match_fresh_results() {
+    let mut rng = Rng::new(61);
+    let mut co = CoalescedGrad::empty();
+    let mut sp = embedding_lookup::SparseGrad::empty();
+    // Shapes shrink and grow between calls: leftovers must never show.
+    for (n, rows, dim) in [(500usize, 40usize, 9usize), (20, 7, 3), (900, 100, 16)] {
+        let idx = indices(n, rows, &mut rng);
+        let go = randn(n * dim, &mut rng);
+        let bw = EmbeddingBackward::new(&idx).padding_idx(Some(1));
+        bw.coalesced_into(&go, rows, dim, &mut co).unwrap();
+        assert_eq!(co, bw.coalesced(&go, rows, dim).unwrap());
+        bw.sparse_into(&go, rows, dim, &mut sp).unwrap();
+        assert_eq!(sp, bw.sparse(&go, rows, dim).unwrap());
+        let offsets: Vec<i64> = (0..n / 4).map(|b| (b * 4) as i64).collect();
+        let layout = BagLayout::Offsets {
+            offsets: &offsets,
+            include_last_offset: false,
+        };
+        let bag_go = randn(offsets.len() * dim, &mut rng);
+        let bag = EmbeddingBagBackward::new(&idx, layout, BagGradMode::Mean);
+        bag.coalesced_into(&bag_go, rows, dim, &mut co).unwrap();
+        assert_eq!(co, bag.coalesced(&bag_go, rows, dim).unwrap());
+    }
+    // On error the buffers keep what they held.
+    let before = (co.clone(), sp.clone());
+    let bad = [0i64, 999];
+    assert!(EmbeddingBackward::new(&bad)
+        .coalesced_into(&[0.0; 32], 100, 16, &mut co)
+        .is_err());
+    assert!(EmbeddingBackward::new(&bad)
+        .sparse_into(&[0.0; 32], 100, 16, &mut sp)
+        .is_err());
+    assert_eq!((co, sp), before);
+}

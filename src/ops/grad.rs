@@ -85,6 +85,16 @@ pub struct SparseGrad {
 }
 
 impl SparseGrad {
+    /// An empty gradient (of a 0 × 0 table): a buffer for [`EmbeddingBackward::sparse_into`].
+    pub fn empty() -> Self {
+        SparseGrad {
+            indices: Vec::new(),
+            values: Vec::new(),
+            num_rows: 0,
+            dim: 0,
+        }
+    }
+
     /// A sparse gradient from parts: `indices` in `0..num_rows` (any order, repeats allowed),
     /// `values` holding `indices.len() * dim` elements.
     pub fn new(num_rows: usize, dim: usize, indices: Vec<i64>, values: Vec<f32>) -> Result<Self> {
@@ -377,6 +387,20 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
     /// The sparse gradient as PyTorch returns it: one pair per non-padding lookup, in lookup
     /// order. `scale_grad_by_freq` is refused, as in PyTorch; use [`Self::coalesced`].
     pub fn sparse(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<SparseGrad> {
+        let mut out = SparseGrad::empty();
+        self.sparse_into(grad_output, rows, dim, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::sparse`] into an existing gradient, reusing its memory. On error `out` is
+    /// untouched.
+    pub fn sparse_into(
+        &self,
+        grad_output: &[f32],
+        rows: usize,
+        dim: usize,
+        out: &mut SparseGrad,
+    ) -> Result<()> {
         if self.scale_grad_by_freq {
             return Err(Error::InvalidArgument(
                 "scale_grad_by_freq is not supported for uncoalesced sparse gradients (as in \
@@ -385,22 +409,19 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
             ));
         }
         let padding = self.check(grad_output, rows, dim)?;
-        let kept = |i: &I| Some(i.as_wrapped_u64() as usize) != padding;
-        let n = self.indices.iter().filter(|i| kept(i)).count();
-        let mut indices = Vec::with_capacity(n);
-        let mut values = Vec::with_capacity(n * dim);
+        out.indices.clear();
+        out.values.clear();
+        out.num_rows = rows;
+        out.dim = dim;
         for (p, i) in self.indices.iter().enumerate() {
-            if kept(i) {
-                indices.push(i.as_wrapped_u64() as i64);
-                values.extend_from_slice(&grad_output[p * dim..(p + 1) * dim]);
+            let r = i.as_wrapped_u64() as usize;
+            if Some(r) != padding {
+                out.indices.push(r as i64);
+                out.values
+                    .extend_from_slice(&grad_output[p * dim..(p + 1) * dim]);
             }
         }
-        Ok(SparseGrad {
-            indices,
-            values,
-            num_rows: rows,
-            dim,
-        })
+        Ok(())
     }
 
     /// Validate; returns the normalised padding row.
