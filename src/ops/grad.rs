@@ -18,14 +18,21 @@
 //! - Gradients are f32 (whatever the table's dtype), row-major.
 //!
 //! # How it runs
-//! Validate everything; group the positions by table row with a stable radix sort of
-//! `(row, position)` keys; then reduce each row's contributions, in position order, with the
-//! SIMD kernel of [`crate::kernels::grad`], one row per thread, rows split across rayon's
-//! threads. No atomics and no float races: each row's sum has one fixed order, so the result
-//! is the same bit for bit whatever the thread count. A row's sum is
-//! `fma(w₁, g₁, fma(w₀, g₀, 0)) …` in position order, as PyTorch's CPU backward accumulates it
-//! (its `add_(grad, alpha=scale)` is a fused multiply-add): the PyTorch cases match bit for
-//! bit, frequency-scaled ones included.
+//! Validate everything first; then
+//! - **dense**: split the table's rows across rayon's threads; each thread zeroes its rows and
+//!   walks the positions in order, adding (SIMD `scatter_add`) those that fall in its rows.
+//!   The gradient rows are read in order, nothing is sorted or allocated.
+//! - **coalesced**: group the positions by row (a counting sort split by row range across
+//!   threads, or a radix sort of `(row, position)` keys when the table is much larger than the
+//!   batch), then reduce each row's contributions in registers and write the row once (SIMD
+//!   `reduce_segments`), segments split across threads.
+//!
+//! No atomics and no float races: every row is written by one thread and sees its
+//! contributions in position order, as `fma(w₁, g₁, fma(w₀, g₀, 0)) …` — which is how PyTorch's
+//! CPU backward accumulates (its `add_(grad, alpha=scale)` is a fused multiply-add). So the
+//! result is the same bit for bit whatever the thread count or instruction set, dense and
+//! coalesced agree bit for bit, and the PyTorch cases match bit for bit, frequency-scaled ones
+//! included.
 //!
 //! ```
 //! use embedding_lookup::ops::grad::EmbeddingBackward;
@@ -335,18 +342,26 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
         dim: usize,
         grad_weight: &mut [f32],
     ) -> Result<()> {
-        let prepared = self.prepare(grad_output, rows, dim, Form::PerRow)?;
+        let padding = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
-        let weights = prepared.weights(self.scale_grad_by_freq);
-        let source = Source::Rows {
-            src: grad_output,
-            items: &prepared.order,
-            weights: &weights,
-        };
-        write_dense(
+        let indices = self.indices;
+        let counts = self.scale_grad_by_freq.then(|| {
+            row_counts(indices.len(), rows, |p| {
+                Some(indices[p].as_wrapped_u64() as usize)
+            })
+        });
+        scatter_dense(
             &GradKernels::detect(),
-            &prepared,
-            &source,
+            indices.len(),
+            &|p| {
+                let r = indices[p].as_wrapped_u64() as usize;
+                if Some(r) == padding {
+                    return None;
+                }
+                let w = counts.as_ref().map_or(1.0, |c| (1.0 / c[r] as f64) as f32);
+                Some((r, p as u32, w))
+            },
+            grad_output,
             rows,
             dim,
             grad_weight,
@@ -591,14 +606,58 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         let bags = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
         let k = GradKernels::detect();
-        self.with_plan(
-            &bags,
+        if let BagGradMode::Max { .. } = self.mode {
+            return self.with_plan(
+                &bags,
+                grad_output,
+                rows,
+                dim,
+                Form::PerRow,
+                |groups, source| write_dense(&k, groups, source, rows, dim, grad_weight),
+            );
+        }
+        // Sum and mean: every entry adds its bag's gradient row, weighted, to its row.
+        let indices = self.indices;
+        let counts = self.scale_grad_by_freq.then(|| {
+            row_counts(indices.len(), rows, |p| {
+                let r = indices[p].as_wrapped_u64() as usize;
+                (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
+            })
+        });
+        scatter_dense(
+            &k,
+            indices.len(),
+            &|p| {
+                let r = indices[p].as_wrapped_u64() as usize;
+                let bag = bags.bag_of[p];
+                if Some(r) == bags.padding || bag == NO_BAG {
+                    return None;
+                }
+                Some((
+                    r,
+                    bag,
+                    self.weight(&bags, p, bag, counts.as_ref().map(|c| c[r])),
+                ))
+            },
             grad_output,
             rows,
             dim,
-            Form::PerRow,
-            |groups, source| write_dense(&k, groups, source, rows, dim, grad_weight),
-        )
+            grad_weight,
+        );
+        Ok(())
+    }
+
+    /// An entry's weight, computed in f64 and rounded once, as PyTorch does: per-sample
+    /// weight, / its index's count (when scaling by frequency), / its bag's size (mean).
+    fn weight(&self, bags: &Bags, p: usize, bag: u32, count: Option<u32>) -> f32 {
+        let mut w = self.per_sample_weights.map_or(1.0, |w| w[p] as f64);
+        if let Some(c) = count {
+            w /= c as f64;
+        }
+        if matches!(self.mode, BagGradMode::Mean) {
+            w /= bags.sizes[bag as usize] as f64;
+        }
+        w as f32
     }
 
     /// The coalesced gradient: distinct rows with a gradient, ascending, summed (the same
@@ -710,25 +769,15 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
             let r = indices[p].as_wrapped_u64() as usize;
             (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
         })?;
-        // Source rows are bags; the weight of each contribution is computed in f64 and rounded
-        // once, as PyTorch does: per-sample weight, / count, / bag size.
+        // Source rows are bags; a row's contributions all share its count.
         let mut items = Vec::with_capacity(groups.order.len());
         let mut weights = Vec::with_capacity(groups.order.len());
         for b in groups.bounds.windows(2) {
-            let count = (b[1] - b[0]) as f64;
+            let count = self.scale_grad_by_freq.then_some(b[1] - b[0]);
             for &p in &groups.order[b[0] as usize..b[1] as usize] {
                 let bag = bags.bag_of[p as usize];
-                let mut w = self
-                    .per_sample_weights
-                    .map_or(1.0, |w| w[p as usize] as f64);
-                if self.scale_grad_by_freq {
-                    w /= count;
-                }
-                if matches!(self.mode, BagGradMode::Mean) {
-                    w /= bags.sizes[bag as usize] as f64;
-                }
                 items.push(bag);
-                weights.push(w as f32);
+                weights.push(self.weight(bags, p as usize, bag, count));
             }
         }
         Ok(write(
@@ -1231,6 +1280,91 @@ fn reduce(
                 }
             }
         }
+    }
+}
+
+/// How often each row occurs among the contributions.
+fn row_counts(n: usize, rows: usize, row_of: impl Fn(usize) -> Option<usize>) -> Vec<u32> {
+    let mut counts = vec![0u32; rows];
+    for p in 0..n {
+        if let Some(r) = row_of(p) {
+            counts[r] += 1;
+        }
+    }
+    counts
+}
+
+/// The dense gradient by scatter-adding: rows split across threads; each thread zeroes its
+/// rows, then walks the contributions in order and adds those that fall in its rows. So each
+/// row sees its contributions in position order, whatever the split, with no sort and no
+/// shared writes; the gradient rows are read in order. `contribution(p)` is `(table row,
+/// source row of src, weight)`, or `None` for a skipped position.
+fn scatter_dense(
+    k: &GradKernels,
+    n: usize,
+    contribution: &(impl Fn(usize) -> Option<(usize, u32, f32)> + Sync),
+    src: &[f32],
+    rows: usize,
+    dim: usize,
+    out: &mut [f32],
+) {
+    if dim == 0 || rows == 0 {
+        return;
+    }
+    const CAP: usize = BATCH + PREFETCH_DISTANCE;
+    let run = |first: usize, out: &mut [f32]| {
+        let end = first + out.len() / dim;
+        out.fill(0.0);
+        let mut items = [0u32; CAP];
+        let mut dst = [0usize; CAP];
+        let mut weights = [0f32; CAP];
+        let mut len = 0;
+        let mut flush =
+            |count: usize, len: usize, items: &[u32], dst: &[usize], weights: &[f32]| {
+                // SAFETY: source rows are positions or bags below src.len() / dim (validated
+                // input), destination rows are below this chunk's row count, `count <= len`
+                // entries of each array are filled, and the kernels were built for an ISA this
+                // CPU has.
+                unsafe {
+                    (k.scatter_add)(
+                        src,
+                        dim,
+                        &items[..len],
+                        &weights[..len],
+                        &dst[..len],
+                        count,
+                        out,
+                    )
+                }
+            };
+        for p in 0..n {
+            let Some((r, s, w)) = contribution(p) else {
+                continue;
+            };
+            if r < first || r >= end {
+                continue;
+            }
+            items[len] = s;
+            dst[len] = r - first;
+            weights[len] = w;
+            len += 1;
+            if len == CAP {
+                // Add the first BATCH; the rest were the lookahead and move to the front.
+                flush(BATCH, CAP, &items, &dst, &weights);
+                items.copy_within(BATCH.., 0);
+                dst.copy_within(BATCH.., 0);
+                weights.copy_within(BATCH.., 0);
+                len = PREFETCH_DISTANCE;
+            }
+        }
+        flush(len, len, &items, &dst, &weights);
+    };
+    match parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)) {
+        None => run(0, out),
+        Some(chunk) => out
+            .par_chunks_mut(chunk * dim)
+            .enumerate()
+            .for_each(|(c, out)| run(c * chunk, out)),
     }
 }
 

@@ -85,3 +85,68 @@ pub(super) unsafe fn reduce_segments(
         }
     }
 }
+
+/// # Safety
+/// [`ScatterAddFn`](super::ScatterAddFn)'s contract; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn scatter_add(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    dst_rows: &[usize],
+    count: usize,
+    dst: &mut [f32],
+) {
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for a in 0..count {
+        if let (Some(&s), Some(&d)) = (
+            items.get(a + PREFETCH_DISTANCE),
+            dst_rows.get(a + PREFETCH_DISTANCE),
+        ) {
+            prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
+            prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
+        }
+        // SAFETY: a < count, inside items/weights/dst_rows; the rows are inside `src` and
+        // `dst` by the contract; every access stays within `j..dim`.
+        unsafe {
+            let wf = *weights.get_unchecked(a);
+            let w = _mm256_set1_ps(wf);
+            let s = sp.add(*items.get_unchecked(a) as usize * dim);
+            let d = dp.add(*dst_rows.get_unchecked(a) * dim);
+            let mut j = 0;
+            while j + 32 <= dim {
+                let x0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(s.add(j)), _mm256_loadu_ps(d.add(j)));
+                let x1 = _mm256_fmadd_ps(
+                    w,
+                    _mm256_loadu_ps(s.add(j + 8)),
+                    _mm256_loadu_ps(d.add(j + 8)),
+                );
+                let x2 = _mm256_fmadd_ps(
+                    w,
+                    _mm256_loadu_ps(s.add(j + 16)),
+                    _mm256_loadu_ps(d.add(j + 16)),
+                );
+                let x3 = _mm256_fmadd_ps(
+                    w,
+                    _mm256_loadu_ps(s.add(j + 24)),
+                    _mm256_loadu_ps(d.add(j + 24)),
+                );
+                _mm256_storeu_ps(d.add(j), x0);
+                _mm256_storeu_ps(d.add(j + 8), x1);
+                _mm256_storeu_ps(d.add(j + 16), x2);
+                _mm256_storeu_ps(d.add(j + 24), x3);
+                j += 32;
+            }
+            while j + 8 <= dim {
+                let x = _mm256_fmadd_ps(w, _mm256_loadu_ps(s.add(j)), _mm256_loadu_ps(d.add(j)));
+                _mm256_storeu_ps(d.add(j), x);
+                j += 8;
+            }
+            while j < dim {
+                *d.add(j) = wf.mul_add(*s.add(j), *d.add(j));
+                j += 1;
+            }
+        }
+    }
+}

@@ -74,3 +74,72 @@ pub(super) unsafe fn reduce_segments(
         }
     }
 }
+
+/// # Safety
+/// [`ScatterAddFn`](super::ScatterAddFn)'s contract; the CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn scatter_add(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    dst_rows: &[usize],
+    count: usize,
+    dst: &mut [f32],
+) {
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let tail: __mmask16 = ((1u32 << (dim % 16)) - 1) as u16;
+    for a in 0..count {
+        if let (Some(&s), Some(&d)) = (
+            items.get(a + PREFETCH_DISTANCE),
+            dst_rows.get(a + PREFETCH_DISTANCE),
+        ) {
+            prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
+            prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
+        }
+        // SAFETY: a < count, inside items/weights/dst_rows; the rows are inside `src` and
+        // `dst` by the contract; every access stays within `j..dim`, the tail masked.
+        unsafe {
+            let w = _mm512_set1_ps(*weights.get_unchecked(a));
+            let s = sp.add(*items.get_unchecked(a) as usize * dim);
+            let d = dp.add(*dst_rows.get_unchecked(a) * dim);
+            let mut j = 0;
+            while j + 64 <= dim {
+                let x0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(s.add(j)), _mm512_loadu_ps(d.add(j)));
+                let x1 = _mm512_fmadd_ps(
+                    w,
+                    _mm512_loadu_ps(s.add(j + 16)),
+                    _mm512_loadu_ps(d.add(j + 16)),
+                );
+                let x2 = _mm512_fmadd_ps(
+                    w,
+                    _mm512_loadu_ps(s.add(j + 32)),
+                    _mm512_loadu_ps(d.add(j + 32)),
+                );
+                let x3 = _mm512_fmadd_ps(
+                    w,
+                    _mm512_loadu_ps(s.add(j + 48)),
+                    _mm512_loadu_ps(d.add(j + 48)),
+                );
+                _mm512_storeu_ps(d.add(j), x0);
+                _mm512_storeu_ps(d.add(j + 16), x1);
+                _mm512_storeu_ps(d.add(j + 32), x2);
+                _mm512_storeu_ps(d.add(j + 48), x3);
+                j += 64;
+            }
+            while j + 16 <= dim {
+                let x = _mm512_fmadd_ps(w, _mm512_loadu_ps(s.add(j)), _mm512_loadu_ps(d.add(j)));
+                _mm512_storeu_ps(d.add(j), x);
+                j += 16;
+            }
+            if j < dim {
+                let x = _mm512_fmadd_ps(
+                    w,
+                    _mm512_maskz_loadu_ps(tail, s.add(j)),
+                    _mm512_maskz_loadu_ps(tail, d.add(j)),
+                );
+                _mm512_mask_storeu_ps(d.add(j), tail, x);
+            }
+        }
+    }
+}

@@ -1,9 +1,10 @@
-//! Gradient kernels: weighted sums of f32 rows, grouped into segments, written to one
-//! destination row per segment.
+//! Gradient kernels: weighted sums of f32 rows into destination rows, in two shapes.
 //!
-//! This is the inner loop of every embedding backward pass: the positions that looked up one
-//! table row form a segment, and the segment's gradient rows are summed, each times its
-//! weight, in segment order:
+//! - `scatter_add` adds contributions one by one into their destination rows, in the order
+//!   given (a dense gradient: each thread owns a range of rows and walks the positions in
+//!   order, so every row still sees its contributions in position order).
+//! - `reduce_segments` sums a segment of contributions at a time and writes the row once (a
+//!   coalesced gradient, where the positions were first grouped by row):
 //!
 //! ```text
 //! dst[dst_rows[k]][j] = fma(w[a+1], src[items[a+1]][j], fma(w[a], src[items[a]][j], 0)) …
@@ -52,11 +53,33 @@ pub type ReduceSegmentsFn = unsafe fn(
     dst: &mut [f32],
 );
 
+/// Add weighted source rows into destination rows, one contribution at a time, in order:
+/// `dst[dst_rows[a]] = fma(weights[a], src[items[a]], dst[dst_rows[a]])` for `a < count`
+/// (element by element). Entries `count..` of `items` and `dst_rows` (up to
+/// `PREFETCH_DISTANCE`) are only prefetched.
+///
+/// # Safety
+/// - `count <= items.len()`, `count <= dst_rows.len()`, `count <= weights.len()`, and
+///   `items.len() == dst_rows.len()`;
+/// - every `items[a]` satisfies `(items[a] + 1) * dim <= src.len()` and every `dst_rows[a]`
+///   satisfies `(dst_rows[a] + 1) * dim <= dst.len()` (lookahead entries included);
+/// - the CPU supports the kernel's instruction set.
+pub type ScatterAddFn = unsafe fn(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    dst_rows: &[usize],
+    count: usize,
+    dst: &mut [f32],
+);
+
 /// The gradient kernels of one instruction-set level.
 #[derive(Clone, Copy, Debug)]
 pub struct GradKernels {
     isa: Isa,
     pub(crate) reduce_segments: ReduceSegmentsFn,
+    pub(crate) scatter_add: ScatterAddFn,
 }
 
 impl GradKernels {
@@ -70,20 +93,21 @@ impl GradKernels {
         if !isa.is_available() {
             return None;
         }
-        let reduce_segments: ReduceSegmentsFn = match isa {
+        let (reduce_segments, scatter_add): (ReduceSegmentsFn, ScatterAddFn) = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::reduce_segments,
+            Isa::Avx512 => (avx512::reduce_segments, avx512::scatter_add),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::reduce_segments,
-            // aarch64: the portable kernel compiles to Advanced SIMD there.
-            Isa::Neon | Isa::Portable => portable::reduce_segments,
-            Isa::Scalar => scalar::reduce_segments,
+            Isa::Avx2 => (avx2::reduce_segments, avx2::scatter_add),
+            // aarch64: the portable kernels compile to Advanced SIMD there.
+            Isa::Neon | Isa::Portable => (portable::reduce_segments, portable::scatter_add),
+            Isa::Scalar => (scalar::reduce_segments, scalar::scatter_add),
             #[allow(unreachable_patterns)]
             _ => return None,
         };
         Some(GradKernels {
             isa,
             reduce_segments,
+            scatter_add,
         })
     }
 
@@ -186,6 +210,48 @@ mod tests {
     }
 
     #[test]
+    fn scatter_add_matches_scalar() {
+        let mut rng = Rng::new(8);
+        let reference = GradKernels::for_isa(Isa::Scalar).unwrap();
+        for isa in Isa::all_available() {
+            let k = GradKernels::for_isa(isa).unwrap();
+            for dim in 0..=MAX_DIM {
+                let (src_rows, dst_len) = (9, 6);
+                let src: Vec<f32> = (0..src_rows * dim).map(|i| value(&mut rng, i)).collect();
+                for count in [0usize, 1, 7, 40] {
+                    // Destination rows repeat (a row's contributions must land in order).
+                    let total = count + PREFETCH_DISTANCE;
+                    let items: Vec<u32> = (0..total)
+                        .map(|_| rng.below(src_rows as u64) as u32)
+                        .collect();
+                    let dst_rows: Vec<usize> = (0..total)
+                        .map(|_| rng.below(dst_len as u64) as usize)
+                        .collect();
+                    let weights: Vec<f32> = (0..count)
+                        .map(|i| if i % 2 == 0 { 1.0 } else { rng.normal() })
+                        .collect();
+                    let start: Vec<f32> = (0..dst_len * dim).map(|_| rng.normal()).collect();
+                    let mut want = start.clone();
+                    let mut got = start.clone();
+                    // SAFETY: items below `src_rows`, dst rows below `dst_len`, count entries
+                    // of weights, lookahead entries in range.
+                    unsafe {
+                        (reference.scatter_add)(
+                            &src, dim, &items, &weights, &dst_rows, count, &mut want,
+                        );
+                        (k.scatter_add)(&src, dim, &items, &weights, &dst_rows, count, &mut got);
+                    }
+                    assert!(
+                        same_bits(&got, &want),
+                        "{} dim {dim} count {count}",
+                        k.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn contributions_are_fused_multiply_adds() {
         // 1 + 2^-23 squared is 1 + 2^-22 + 2^-46: a separate multiply rounds the 2^-46 away,
         // a fused multiply-add keeps it long enough to round (1 + 2^-22 + 2^-46) - 1 - 2^-22
@@ -209,6 +275,10 @@ mod tests {
                 )
             };
             assert_eq!(dst[0], 2f32.powi(-46), "{}", k.name());
+            let mut dst = [-(1.0 + 2.0 * f32::EPSILON)];
+            // SAFETY: item 1 of a 2-row source of width 1 into the one destination row.
+            unsafe { (k.scatter_add)(&src, 1, &[1], &[x], &[0], 1, &mut dst) };
+            assert_eq!(dst[0], 2f32.powi(-46), "{} scatter_add", k.name());
         }
     }
 

@@ -81,3 +81,44 @@ pub(super) unsafe fn reduce_segments(
         }
     }
 }
+
+/// # Safety
+/// [`ScatterAddFn`](super::ScatterAddFn)'s contract.
+pub(super) unsafe fn scatter_add(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    dst_rows: &[usize],
+    count: usize,
+    dst: &mut [f32],
+) {
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for a in 0..count {
+        if let (Some(&s), Some(&d)) = (
+            items.get(a + PREFETCH_DISTANCE),
+            dst_rows.get(a + PREFETCH_DISTANCE),
+        ) {
+            prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
+            prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
+        }
+        // SAFETY: a < count, inside items/weights/dst_rows; the rows are inside `src` and
+        // `dst` by the contract, and do not overlap (one is the caller's shared slice, the
+        // other its exclusive one).
+        let (w, s, d) = unsafe {
+            let s = std::slice::from_raw_parts(sp.add(*items.get_unchecked(a) as usize * dim), dim);
+            let d = std::slice::from_raw_parts_mut(dp.add(*dst_rows.get_unchecked(a) * dim), dim);
+            (*weights.get_unchecked(a), s, d)
+        };
+        let mut sc = s.chunks_exact(LANES);
+        let mut dc = d.chunks_exact_mut(LANES);
+        for (s, d) in (&mut sc).zip(&mut dc) {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = w.mul_add(s, *d);
+            }
+        }
+        for (d, &s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+            *d = w.mul_add(s, *d);
+        }
+    }
+}

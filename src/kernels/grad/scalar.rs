@@ -26,3 +26,23 @@ pub(crate) unsafe fn reduce_segments(
         }
     }
 }
+
+/// # Safety
+/// None beyond [`ScatterAddFn`](super::ScatterAddFn)'s contract; this reference checks
+/// bounds.
+pub(crate) unsafe fn scatter_add(
+    src: &[f32],
+    dim: usize,
+    items: &[u32],
+    weights: &[f32],
+    dst_rows: &[usize],
+    count: usize,
+    dst: &mut [f32],
+) {
+    for a in 0..count {
+        let (s, d) = (items[a] as usize * dim, dst_rows[a] * dim);
+        for j in 0..dim {
+            dst[d + j] = weights[a].mul_add(src[s + j], dst[d + j]);
+        }
+    }
+}
