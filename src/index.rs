@@ -17,7 +17,8 @@ mod sealed {
 /// An integer type that can index table rows: `i32`, `i64`, `u32`, `u64` or `usize`.
 pub trait Index: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
     /// The value as u64, negative values wrapping to values above `i64::MAX`, so that
-    /// `as_wrapped_u64() < rows` is the whole range check (rows never exceed `isize::MAX`).
+    /// `as_wrapped_u64() < rows` is the whole range check for `rows <= i64::MAX` (tables never
+    /// exceed `isize::MAX` rows; [`validate`] checks larger counts exactly).
     fn as_wrapped_u64(self) -> u64;
     /// The exact value, for error messages.
     fn as_i128(self) -> i128;
@@ -43,6 +44,19 @@ impl_index!(i32, i64, u32, u64, usize);
 /// Check that every index is in `0..rows`. On failure the error names the first bad index and
 /// its position.
 pub fn validate<I: Index>(indices: &[I], rows: usize) -> Result<()> {
+    if rows as u64 > i64::MAX as u64 {
+        // Beyond any table (rows fit an isize), but exact all the same: above i64::MAX a
+        // negative index, wrapped, could compare below `rows`.
+        let r = rows as i128;
+        return match indices.iter().position(|i| !(0..r).contains(&i.as_i128())) {
+            Some(position) => Err(Error::IndexOutOfRange {
+                index: indices[position].as_i128(),
+                position,
+                rows,
+            }),
+            None => Ok(()),
+        };
+    }
     let rows64 = rows as u64;
     // A branch-free pass over blocks vectorises; the slow search runs only on failure.
     const BLOCK: usize = 256;
@@ -110,6 +124,18 @@ mod tests {
         );
         assert!(validate(&[i32::MIN], 5).is_err());
         assert!(validate(&[0usize], 0).is_err());
+    }
+
+    #[test]
+    fn negative_indices_fail_whatever_the_row_count() {
+        // Regression: with rows above i64::MAX, -2 wrapped to u64::MAX - 1 and passed.
+        for rows in [usize::MAX, i64::MAX as usize + 1, i64::MAX as usize] {
+            let e = validate(&[0i64, -2], rows).unwrap_err();
+            assert_eq!(e.kind(), "index_out_of_range");
+            assert!(e.to_string().contains("index -2 at position 1"), "{e}");
+            validate(&[0u64, rows as u64 - 1], rows).unwrap();
+            assert!(validate(&[rows as u64], rows).is_err());
+        }
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub mod ops;
 mod parallel;
 pub mod table;
 pub mod util;
+pub mod workload;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -17,10 +17,15 @@ const CHUNKS_PER_THREAD: usize = 4;
 
 /// How many items each parallel task takes, or `None` to run serially. `bytes_per_item` is the
 /// bytes an item moves (a row read plus a row written, for a gather).
+#[inline]
 pub(crate) fn chunk_items(items: usize, bytes_per_item: usize) -> Option<usize> {
-    let threads = rayon::current_num_threads();
     let total = items.saturating_mul(bytes_per_item.max(1));
-    if threads <= 1 || total < MIN_PARALLEL_BYTES {
+    if total < MIN_PARALLEL_BYTES {
+        // Decided before asking rayon anything: its first question starts the global pool.
+        return None;
+    }
+    let threads = rayon::current_num_threads();
+    if threads <= 1 {
         return None;
     }
     let min_items = (MIN_TASK_BYTES / bytes_per_item.max(1)).max(1);

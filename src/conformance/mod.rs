@@ -393,6 +393,7 @@ pub(crate) fn check_exact(report: &mut CaseReport, what: &str, got: &Tensor, wan
 }
 
 /// Compare f32 values: `|got - want| <= atol + rtol * |want|` everywhere.
+#[allow(dead_code)] // used by the renorm, bag and gradient operations
 pub(crate) fn check_close(
     report: &mut CaseReport,
     what: &str,
@@ -419,6 +420,7 @@ pub(crate) fn check_close(
 }
 
 /// Compare values of a 16-bit dtype within `ulps` units in the last place.
+#[allow(dead_code)] // used by the renorm, bag and gradient operations
 pub(crate) fn check_ulps(
     report: &mut CaseReport,
     what: &str,

@@ -11,12 +11,50 @@
 pub mod gather;
 pub mod grad;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// How many rows ahead of the one being copied the kernels prefetch. Measured with
-/// `cargo bench --bench lookup -- prefetch` on a 1 GiB table (see BENCHMARKS.md): 8 and 16
-/// reach the same throughput, 4 and 32 fall behind; FBGEMM also uses 16.
-pub const PREFETCH_DISTANCE: usize = 16;
+/// How many rows ahead of the one being copied the kernels prefetch, unless changed with
+/// [`set_prefetch_distance`]. A measured choice: see the `prefetch` group of
+/// `cargo bench --bench lookup` and BENCHMARKS.md (FBGEMM also uses 16).
+pub const DEFAULT_PREFETCH_DISTANCE: usize = 16;
+
+/// The largest prefetch distance [`set_prefetch_distance`] accepts.
+pub const MAX_PREFETCH_DISTANCE: usize = 64;
+
+static PREFETCH_DISTANCE: AtomicUsize = AtomicUsize::new(DEFAULT_PREFETCH_DISTANCE);
+
+/// Set how many rows ahead the kernels prefetch (0 turns prefetching off; clamped to
+/// [`MAX_PREFETCH_DISTANCE`]). Process-wide; meant for benchmarks and tuning.
+pub fn set_prefetch_distance(rows: usize) {
+    PREFETCH_DISTANCE.store(rows.min(MAX_PREFETCH_DISTANCE), Ordering::Relaxed);
+}
+
+/// The prefetch distance in use.
+#[inline]
+pub fn prefetch_distance() -> usize {
+    PREFETCH_DISTANCE.load(Ordering::Relaxed)
+}
+
+/// Outputs of at least this many bytes are written with streaming (non-temporal) stores,
+/// unless changed with [`set_streaming_threshold`]. A measured choice (BENCHMARKS.md): an
+/// output that does not fit in the last-level cache is not read back from it, and streaming
+/// skips the read-for-ownership of every output line.
+pub const DEFAULT_STREAMING_THRESHOLD: usize = 16 << 20;
+
+static STREAMING_THRESHOLD: AtomicUsize = AtomicUsize::new(DEFAULT_STREAMING_THRESHOLD);
+
+/// Set the output size from which gathers use streaming stores (`usize::MAX`: never, `0`:
+/// always). Process-wide; meant for benchmarks and tuning.
+pub fn set_streaming_threshold(bytes: usize) {
+    STREAMING_THRESHOLD.store(bytes, Ordering::Relaxed);
+}
+
+/// The streaming-store threshold in use, in output bytes.
+#[inline]
+pub fn streaming_threshold() -> usize {
+    STREAMING_THRESHOLD.load(Ordering::Relaxed)
+}
 
 /// An instruction-set level the kernels are written for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -33,6 +33,55 @@ use storage::{AlignedBuf, Storage};
 /// assert_eq!(out, [20.0, 21.0, 0.0, 1.0]);
 /// # Ok::<(), embedding_lookup::Error>(())
 /// ```
+///
+/// # Threads
+///
+/// A table is `Send + Sync`: any number of threads may look up the same `&Table` at once, and
+/// get the same results as one thread. Everything that writes a table takes `&mut Table`, so
+/// the borrow checker refuses a write while any thread still holds the table:
+///
+/// ```compile_fail,E0502
+/// use embedding_lookup::{DType, Table};
+///
+/// let mut table = Table::zeros(4, 2, DType::F32)?;
+/// std::thread::scope(|s| {
+///     s.spawn(|| table.lookup::<i64, f32>(&[0, 3]));
+///     table.as_mut_slice::<f32>()?[0] = 1.0; // error: `table` is borrowed by the thread
+///     Ok::<(), embedding_lookup::Error>(())
+/// })?;
+/// # Ok::<(), embedding_lookup::Error>(())
+/// ```
+///
+/// The same write after the threads are done compiles:
+///
+/// ```
+/// use embedding_lookup::{DType, Table};
+///
+/// let mut table = Table::zeros(4, 2, DType::F32)?;
+/// std::thread::scope(|s| {
+///     s.spawn(|| table.lookup::<i64, f32>(&[0, 3]));
+/// });
+/// table.as_mut_slice::<f32>()?[0] = 1.0;
+/// # Ok::<(), embedding_lookup::Error>(())
+/// ```
+///
+/// A shared reference never writes:
+///
+/// ```compile_fail,E0596
+/// fn scale(table: &embedding_lookup::Table<'_>) {
+///     table.as_mut_slice::<f32>().unwrap()[0] *= 2.0; // error: behind a `&` reference
+/// }
+/// ```
+///
+/// and a table over the caller's slice holds it exclusively while it lives:
+///
+/// ```compile_fail,E0502
+/// let mut data = vec![0.0f32; 8];
+/// let table = embedding_lookup::Table::borrowed_mut(&mut data, 4, 2)?;
+/// println!("{}", data[0]); // error: `data` is mutably borrowed by `table`
+/// drop(table);
+/// # Ok::<(), embedding_lookup::Error>(())
+/// ```
 pub struct Table<'a> {
     storage: Storage<'a>,
     dtype: DType,
@@ -42,7 +91,34 @@ pub struct Table<'a> {
     zero_copy: bool,
 }
 
+// Sharing a table between threads is sound: its storage is read through `&self` only, and
+// written only through `&mut self` (owned buffers, `&mut [u8]` and writable maps are all
+// `Send + Sync`). This fails to compile if a storage ever stops being so.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Table<'static>>();
+};
+
 /// How [`Table::open_with`] brings a file's table into memory.
+///
+/// # Files changed after opening
+///
+/// A mapped table ([`Map`](OpenMode::Map), [`MapWritable`](OpenMode::MapWritable)) views the
+/// file's pages, so what happens to the file later reaches the table:
+///
+/// - **Truncated in place** (or rewritten shorter, `open(O_TRUNC)` then `write`): reading a
+///   row beyond the file's new end raises SIGBUS, which kills the process. No check can
+///   prevent this once the map exists; use [`Copy`](OpenMode::Copy) when another program
+///   may shorten the file.
+/// - **Rewritten in place**: the table's values change under it (and two writable maps of the
+///   same file see each other's writes).
+/// - **Replaced by renaming** a new file over it, as [`Table::save`] and every `emb` output
+///   do: safe. The map keeps the old file's pages until the table is dropped.
+///
+/// What is guarded: every size in the header is checked, with overflow-checked arithmetic,
+/// against the file's length when it is mapped, before any tensor byte is read; a writable
+/// map is re-checked after remapping. `Copy` reads the data once while opening and owns it
+/// afterwards: the file may then be truncated, rewritten or deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OpenMode {
     /// Map the file read-only and view the data in place when it is aligned for its dtype
@@ -126,9 +202,9 @@ impl Table<'static> {
     /// Open a table file (`.safetensors` or `.npy`) read-only, mapped and viewed in place when
     /// aligned. With no tensor name, a safetensors file must hold exactly one 2-D tensor.
     ///
-    /// A mapped file must not be truncated or rewritten while the table is alive: the operating
-    /// system would then fault (SIGBUS) on access. Use [`OpenMode::Copy`] where another process
-    /// may change the file.
+    /// A mapped file must not be truncated or rewritten in place while the table is alive: the
+    /// operating system would then fault (SIGBUS) on access. Replacing it by a rename is safe.
+    /// Use [`OpenMode::Copy`] where another process may change the file; see [`OpenMode`].
     pub fn open(path: impl AsRef<Path>, tensor: Option<&str>) -> Result<Self> {
         Table::open_with(
             path,
@@ -248,11 +324,13 @@ impl<'a> Table<'a> {
     }
 
     /// Number of rows (the vocabulary size).
+    #[inline]
     pub fn rows(&self) -> usize {
         self.rows
     }
 
     /// Elements per row (the hidden size).
+    #[inline]
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -263,11 +341,13 @@ impl<'a> Table<'a> {
     }
 
     /// The element type.
+    #[inline]
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
     /// Bytes per row.
+    #[inline]
     pub fn row_bytes(&self) -> usize {
         self.dim * self.dtype.size()
     }
@@ -284,6 +364,7 @@ impl<'a> Table<'a> {
     }
 
     /// The raw bytes, little-endian, row-major.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         self.storage.bytes()
     }
@@ -306,9 +387,11 @@ impl<'a> Table<'a> {
     /// One row, or `None` past the end.
     pub fn row<T: Element>(&self, row: usize) -> Result<Option<&[T]>> {
         let data = self.as_slice::<T>()?;
-        Ok(data
-            .get(row * self.dim..(row + 1) * self.dim)
-            .filter(|_| row < self.rows))
+        if row >= self.rows {
+            return Ok(None);
+        }
+        // row < rows, so neither product overflows: (row + 1) * dim <= rows * dim elements.
+        Ok(data.get(row * self.dim..(row + 1) * self.dim))
     }
 
     /// Flush a writable file map to disk (a no-op for other storage).
@@ -370,6 +453,7 @@ impl<'a> Table<'a> {
     }
 
     /// The writable bytes, or the read-only error.
+    #[allow(dead_code)] // used by the renorm, bag and gradient operations
     pub(crate) fn bytes_mut(&mut self) -> Result<&mut [u8]> {
         self.storage.bytes_mut().ok_or(Error::ReadOnlyTable)
     }
@@ -445,6 +529,13 @@ fn table_bytes(rows: usize, dim: usize, dtype: DType) -> Result<usize> {
 }
 
 fn check_len(len: usize, rows: usize, dim: usize) -> Result<()> {
+    // Row numbers must fit an isize, as for tables made or read from files (`table_bytes`):
+    // an empty-rowed (dim 0) slice must not make a table of more rows than that.
+    if rows > isize::MAX as usize {
+        return Err(Error::ShapeMismatch(format!(
+            "a table of {rows} rows is larger than the address space"
+        )));
+    }
     if rows.checked_mul(dim) != Some(len) {
         return Err(Error::ShapeMismatch(format!(
             "{len} elements cannot form a {rows} × {dim} table"

@@ -1,5 +1,6 @@
 //! `emb`: embedding lookups on tensor files from the command line.
 
+mod bench;
 mod conformance;
 mod convert;
 mod demo;
@@ -38,11 +39,14 @@ enum Command {
     Convert(convert::Args),
     /// Run PyTorch golden cases through the library and compare.
     Conformance(conformance::Args),
+    /// Time an operation on a generated workload against memcpy and a naive loop.
+    Bench(bench::Args),
     /// Create a demo table, map it, look up the (2, 4) example indices, and measure throughput.
     Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info::run(a),
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a, cli.verbose),
         Command::Conformance(a) => conformance::run(a, cli.verbose),
         Command::Demo(a) => demo::run(a, cli.verbose),
+        Command::Bench(a) => bench::run(a, cli.verbose),
     };
     match result {
         Ok(code) => code,
@@ -57,6 +62,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// A file-size limit (`ulimit -f`) raises SIGXFSZ, whose default action kills the process in
+/// the middle of a write and leaves the temporary output file behind. Ignored, the write fails
+/// with EFBIG instead, which is handled like any other write error: the temporary file is
+/// removed, the destination left as it was, and the error printed.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a standard signal's disposition to SIG_IGN installs no handler code and
+    // runs before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -1,23 +1,25 @@
 //! AVX2 + F16C gather kernels: 32-byte vectors, `vcvtph2ps` for f16, a zero-extend and shift
-//! for bf16, scalar tails (AVX2 has no byte-masked stores).
+//! for bf16, scalar tails (AVX2 has no byte-masked stores). `STREAM = true` uses
+//! non-temporal stores for whole aligned 32-byte pieces of the output (see `avx512.rs`).
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract; the CPU has AVX2.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn copy_rows(
+pub(super) unsafe fn copy_rows<const STREAM: bool>(
     table: &[u8],
     row_bytes: usize,
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    prefetch: usize,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;
@@ -26,6 +28,16 @@ pub(super) unsafe fn copy_rows(
             let src = base.add(*rows.get_unchecked(i) * row_bytes);
             let dst = out.as_mut_ptr().add(i * row_bytes);
             let mut off = 0;
+            if STREAM {
+                let head = dst.align_offset(32).min(row_bytes);
+                std::ptr::copy_nonoverlapping(src, dst, head);
+                off = head;
+                while off + 32 <= row_bytes {
+                    let a = _mm256_loadu_si256(src.add(off) as *const __m256i);
+                    _mm256_stream_si256(dst.add(off) as *mut __m256i, a);
+                    off += 32;
+                }
+            }
             while off + 128 <= row_bytes {
                 let a = _mm256_loadu_si256(src.add(off) as *const __m256i);
                 let b = _mm256_loadu_si256(src.add(off + 32) as *const __m256i);
@@ -53,26 +65,31 @@ pub(super) unsafe fn copy_rows(
             }
         }
     }
+    if STREAM {
+        _mm_sfence();
+    }
 }
 
 /// # Safety
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; the CPU has AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn f16_rows_to_f32(
+pub(super) unsafe fn f16_rows_to_f32<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows(
+        widen_rows::<STREAM>(
             table,
             dim,
             rows,
             count,
             out,
+            prefetch,
             |h| _mm256_cvtph_ps(h),
             |h| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))),
         );
@@ -82,21 +99,23 @@ pub(super) unsafe fn f16_rows_to_f32(
 /// # Safety
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; the CPU has AVX2.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn bf16_rows_to_f32(
+pub(super) unsafe fn bf16_rows_to_f32<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows(
+        widen_rows::<STREAM>(
             table,
             dim,
             rows,
             count,
             out,
+            prefetch,
             |h| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))),
             super::scalar::bf16_to_f32,
         );
@@ -109,18 +128,20 @@ pub(super) unsafe fn bf16_rows_to_f32(
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract; AVX2 and F16C.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_rows(
+#[allow(clippy::too_many_arguments)] // the kernel contract plus two conversions
+unsafe fn widen_rows<const STREAM: bool>(
     table: &[u16],
     dim: usize,
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
     widen: impl Fn(__m128i) -> __m256,
     widen_one: impl Fn(u16) -> f32,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * dim) as *const u8, dim * 2);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;
@@ -129,6 +150,18 @@ unsafe fn widen_rows(
             let src = base.add(*rows.get_unchecked(i) * dim);
             let dst = out.as_mut_ptr().add(i * dim);
             let mut j = 0;
+            if STREAM {
+                let head = dst.align_offset(32).min(dim);
+                while j < head {
+                    *dst.add(j) = widen_one(*src.add(j));
+                    j += 1;
+                }
+                while j + 8 <= dim {
+                    let a = _mm_loadu_si128(src.add(j) as *const __m128i);
+                    _mm256_stream_ps(dst.add(j), widen(a));
+                    j += 8;
+                }
+            }
             while j + 16 <= dim {
                 let a = _mm_loadu_si128(src.add(j) as *const __m128i);
                 let b = _mm_loadu_si128(src.add(j + 8) as *const __m128i);
@@ -146,5 +179,8 @@ unsafe fn widen_rows(
                 j += 1;
             }
         }
+    }
+    if STREAM {
+        _mm_sfence();
     }
 }

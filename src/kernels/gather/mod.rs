@@ -1,8 +1,8 @@
 //! Gather kernels: copy table rows to consecutive output rows, as-is or widened to f32.
 //!
 //! Every kernel takes the row numbers of one block: the first `count` are gathered, the
-//! entries after them (up to [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only
-//! prefetched, so prefetching runs ahead across block boundaries.
+//! entries after them (up to `prefetch` of them) are only prefetched, so prefetching runs
+//! ahead across block boundaries. While copying row `i` a kernel prefetches row `i + prefetch`.
 
 mod portable;
 pub(crate) mod scalar;
@@ -22,30 +22,71 @@ use super::Isa;
 /// Every `rows[i]` (all of them, not just the first `count`) satisfies
 /// `(rows[i] + 1) * row_bytes <= table.len()`, `count <= rows.len()` and
 /// `out.len() >= count * row_bytes`; the CPU supports the kernel's instruction set.
-pub type CopyRowsFn =
-    unsafe fn(table: &[u8], row_bytes: usize, rows: &[usize], count: usize, out: &mut [u8]);
+pub type CopyRowsFn = unsafe fn(
+    table: &[u8],
+    row_bytes: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [u8],
+    prefetch: usize,
+);
 
 /// Widen rows of `dim` 16-bit floats (f16 or bf16 bit patterns) to f32.
 ///
 /// # Safety
 /// Every `rows[i]` satisfies `(rows[i] + 1) * dim <= table.len()`, `count <= rows.len()` and
 /// `out.len() >= count * dim`; the CPU supports the kernel's instruction set.
-pub type WidenRowsFn =
-    unsafe fn(table: &[u16], dim: usize, rows: &[usize], count: usize, out: &mut [f32]);
+pub type WidenRowsFn = unsafe fn(
+    table: &[u16],
+    dim: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [f32],
+    prefetch: usize,
+);
+
+/// A kernel in two store flavours: ordinary stores (the output stays in cache for a consumer
+/// that reads it next) and streaming stores (a large output bypasses the cache and skips the
+/// read-for-ownership of each line). Levels without streaming stores use one function twice.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stores<F> {
+    pub(crate) cached: F,
+    pub(crate) streaming: F,
+}
+
+impl<F: Copy> Stores<F> {
+    #[inline]
+    pub(crate) fn pick(&self, stream: bool) -> F {
+        if stream {
+            self.streaming
+        } else {
+            self.cached
+        }
+    }
+
+    fn same(f: F) -> Stores<F> {
+        Stores {
+            cached: f,
+            streaming: f,
+        }
+    }
+}
 
 /// The gather kernels of one instruction-set level.
 #[derive(Clone, Copy, Debug)]
 pub struct GatherKernels {
     isa: Isa,
-    pub(crate) copy: CopyRowsFn,
-    pub(crate) f16_to_f32: WidenRowsFn,
-    pub(crate) bf16_to_f32: WidenRowsFn,
+    pub(crate) copy: Stores<CopyRowsFn>,
+    pub(crate) f16_to_f32: Stores<WidenRowsFn>,
+    pub(crate) bf16_to_f32: Stores<WidenRowsFn>,
 }
 
 impl GatherKernels {
-    /// The kernels in use on this CPU ([`Isa::detect`]).
-    pub fn detect() -> GatherKernels {
-        Self::for_isa(Isa::detect()).expect("the detected ISA is available")
+    /// The kernels in use on this CPU ([`Isa::detect`]), chosen once per process.
+    #[inline]
+    pub fn detect() -> &'static GatherKernels {
+        static CHOSEN: std::sync::OnceLock<GatherKernels> = std::sync::OnceLock::new();
+        CHOSEN.get_or_init(|| Self::for_isa(Isa::detect()).expect("the detected ISA is available"))
     }
 
     /// The kernels of one level, or `None` if the CPU cannot run it.
@@ -57,35 +98,53 @@ impl GatherKernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => GatherKernels {
                 isa,
-                copy: avx512::copy_rows,
-                f16_to_f32: avx512::f16_rows_to_f32,
-                bf16_to_f32: avx512::bf16_rows_to_f32,
+                copy: Stores {
+                    cached: avx512::copy_rows::<false>,
+                    streaming: avx512::copy_rows::<true>,
+                },
+                f16_to_f32: Stores {
+                    cached: avx512::f16_rows_to_f32::<false>,
+                    streaming: avx512::f16_rows_to_f32::<true>,
+                },
+                bf16_to_f32: Stores {
+                    cached: avx512::bf16_rows_to_f32::<false>,
+                    streaming: avx512::bf16_rows_to_f32::<true>,
+                },
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => GatherKernels {
                 isa,
-                copy: avx2::copy_rows,
-                f16_to_f32: avx2::f16_rows_to_f32,
-                bf16_to_f32: avx2::bf16_rows_to_f32,
+                copy: Stores {
+                    cached: avx2::copy_rows::<false>,
+                    streaming: avx2::copy_rows::<true>,
+                },
+                f16_to_f32: Stores {
+                    cached: avx2::f16_rows_to_f32::<false>,
+                    streaming: avx2::f16_rows_to_f32::<true>,
+                },
+                bf16_to_f32: Stores {
+                    cached: avx2::bf16_rows_to_f32::<false>,
+                    streaming: avx2::bf16_rows_to_f32::<true>,
+                },
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => GatherKernels {
                 isa,
-                copy: neon::copy_rows,
-                f16_to_f32: portable::f16_rows_to_f32,
-                bf16_to_f32: neon::bf16_rows_to_f32,
+                copy: Stores::same(neon::copy_rows),
+                f16_to_f32: Stores::same(portable::f16_rows_to_f32),
+                bf16_to_f32: Stores::same(neon::bf16_rows_to_f32),
             },
             Isa::Portable => GatherKernels {
                 isa,
-                copy: portable::copy_rows,
-                f16_to_f32: portable::f16_rows_to_f32,
-                bf16_to_f32: portable::bf16_rows_to_f32,
+                copy: Stores::same(portable::copy_rows),
+                f16_to_f32: Stores::same(portable::f16_rows_to_f32),
+                bf16_to_f32: Stores::same(portable::bf16_rows_to_f32),
             },
             Isa::Scalar => GatherKernels {
                 isa,
-                copy: scalar::copy_rows,
-                f16_to_f32: scalar::f16_rows_to_f32,
-                bf16_to_f32: scalar::bf16_rows_to_f32,
+                copy: Stores::same(scalar::copy_rows),
+                f16_to_f32: Stores::same(scalar::f16_rows_to_f32),
+                bf16_to_f32: Stores::same(scalar::bf16_rows_to_f32),
             },
             #[allow(unreachable_patterns)]
             _ => return None,
@@ -137,7 +196,7 @@ mod tests {
 
     fn rows_with_lookahead(n: usize, rows: usize, rng: &mut Rng) -> Vec<usize> {
         // Duplicates on purpose: draw from a small range.
-        (0..n + crate::kernels::PREFETCH_DISTANCE)
+        (0..n + crate::kernels::DEFAULT_PREFETCH_DISTANCE)
             .map(|_| rng.below(rows as u64) as usize)
             .collect()
     }
@@ -149,25 +208,48 @@ mod tests {
     #[test]
     fn copy_matches_scalar() {
         let mut rng = Rng::new(1);
-        let reference = GatherKernels::for_isa(Isa::Scalar).unwrap();
+        let reference = GatherKernels::for_isa(Isa::Scalar).unwrap().copy.cached;
         for isa in Isa::all_available() {
             let k = GatherKernels::for_isa(isa).unwrap();
-            for row_bytes in (0..=MAX_DIM * 4 + 3).step_by(1) {
+            for (row_bytes, stream) in (0..=MAX_DIM * 4 + 3).flat_map(|r| [(r, false), (r, true)]) {
+                let kernel = k.copy.pick(stream);
                 let rows = 7;
                 let table: Vec<u8> = (0..rows * row_bytes)
                     .map(|_| rng.next_u64() as u8)
                     .collect();
                 for count in [0, 1, 5, 33] {
                     let idx = rows_with_lookahead(count, rows, &mut rng);
-                    // Odd output offsets: start one byte into a larger buffer.
-                    let mut want = vec![0xAAu8; count * row_bytes + 1];
-                    let mut got = want.clone();
-                    // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
-                    unsafe {
-                        (reference.copy)(&table, row_bytes, &idx, count, &mut want[1..]);
-                        (k.copy)(&table, row_bytes, &idx, count, &mut got[1..]);
+                    // Output offsets that put rows at every alignment within a cache line.
+                    for offset in [0, 1, 13, 32, 63] {
+                        let n = count * row_bytes;
+                        let mut want = vec![0xAAu8; n + 64];
+                        let mut got = want.clone();
+                        // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
+                        unsafe {
+                            reference(
+                                &table,
+                                row_bytes,
+                                &idx,
+                                count,
+                                &mut want[offset..offset + n],
+                                count % 17, // any distance, past the lookahead too
+                            );
+                            kernel(
+                                &table,
+                                row_bytes,
+                                &idx,
+                                count,
+                                &mut got[offset..offset + n],
+                                count % 17,
+                            );
+                        }
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} copy (stream {stream}), row_bytes {row_bytes}, offset {offset}",
+                            k.name()
+                        );
                     }
-                    assert_eq!(got, want, "{} copy, row_bytes {row_bytes}", k.name());
                 }
             }
         }
@@ -179,28 +261,51 @@ mod tests {
         let reference = GatherKernels::for_isa(Isa::Scalar).unwrap();
         for isa in Isa::all_available() {
             let k = GatherKernels::for_isa(isa).unwrap();
-            for dim in 0..=MAX_DIM {
+            for (dim, stream) in (0..=MAX_DIM).flat_map(|d| [(d, false), (d, true)]) {
                 let rows = 5;
-                // One element of slack so the table view can start at an odd element offset.
-                let table = table_u16(rows * dim + 1, 1, &mut rng);
-                for offset in [0, 1] {
+                // Slack so the table view and the output can start at odd element offsets.
+                let table = table_u16(rows * dim + 16, 1, &mut rng);
+                for offset in [0, 1, 5, 15] {
                     let t = &table[offset..offset + rows * dim];
                     for count in [0, 1, 3, 40] {
                         let idx = rows_with_lookahead(count, rows, &mut rng);
-                        let mut want = vec![f32::from_bits(0xdead); count * dim + 1];
+                        let n = count * dim;
+                        let mut want = vec![f32::from_bits(0xdead); n + 16];
                         let mut got = want.clone();
                         for (name, r, f) in [
-                            ("f16", reference.f16_to_f32, k.f16_to_f32),
-                            ("bf16", reference.bf16_to_f32, k.bf16_to_f32),
+                            (
+                                "f16",
+                                reference.f16_to_f32.cached,
+                                k.f16_to_f32.pick(stream),
+                            ),
+                            (
+                                "bf16",
+                                reference.bf16_to_f32.cached,
+                                k.bf16_to_f32.pick(stream),
+                            ),
                         ] {
                             // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
                             unsafe {
-                                r(t, dim, &idx, count, &mut want[offset..]);
-                                f(t, dim, &idx, count, &mut got[offset..]);
+                                r(
+                                    t,
+                                    dim,
+                                    &idx,
+                                    count,
+                                    &mut want[offset..offset + n],
+                                    count % 17,
+                                );
+                                f(
+                                    t,
+                                    dim,
+                                    &idx,
+                                    count,
+                                    &mut got[offset..offset + n],
+                                    count % 17,
+                                );
                             }
                             assert!(
                                 same_bits(&got, &want),
-                                "{} {name}, dim {dim}, offset {offset}, count {count}",
+                                "{} {name} (stream {stream}), dim {dim}, offset {offset}, count {count}",
                                 k.name()
                             );
                         }
@@ -215,11 +320,11 @@ mod tests {
         let f16_table: Vec<u16> = vec![0x3c00, 0xc000, 0x4000, 0x3800]; // [[1, -2], [2, 0.5]]
         let mut out = vec![0.0f32; 4];
         // SAFETY: rows 1 and 0 of a 2 × 2 table; out holds 2 rows.
-        unsafe { scalar::f16_rows_to_f32(&f16_table, 2, &[1, 0], 2, &mut out) };
+        unsafe { scalar::f16_rows_to_f32(&f16_table, 2, &[1, 0], 2, &mut out, 0) };
         assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
         let bf16_table: Vec<u16> = vec![0x3f80, 0xc000, 0x4000, 0x3f00]; // [[1, -2], [2, 0.5]]
                                                                          // SAFETY: as above.
-        unsafe { scalar::bf16_rows_to_f32(&bf16_table, 2, &[1, 0], 2, &mut out) };
+        unsafe { scalar::bf16_rows_to_f32(&bf16_table, 2, &[1, 0], 2, &mut out, 0) };
         assert_eq!(out, [2.0, 0.5, 1.0, -2.0]);
     }
 }

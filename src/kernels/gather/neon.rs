@@ -3,7 +3,7 @@
 
 use std::arch::aarch64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract; the CPU has NEON.
@@ -14,10 +14,11 @@ pub(super) unsafe fn copy_rows(
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    prefetch: usize,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;
@@ -52,10 +53,11 @@ pub(super) unsafe fn bf16_rows_to_f32(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     let base = table.as_ptr();
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(base.wrapping_add(ahead * dim) as *const u8, dim * 2);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`;

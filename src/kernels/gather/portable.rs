@@ -4,7 +4,7 @@
 use bytemuck::cast;
 use wide::{f32x8, u32x8};
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`CopyRowsFn`](super::CopyRowsFn)'s contract.
@@ -14,9 +14,10 @@ pub(super) unsafe fn copy_rows(
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    prefetch: usize,
 ) {
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(table.as_ptr().wrapping_add(ahead * row_bytes), row_bytes);
         }
         // SAFETY: the contract puts every row inside the table and `count` rows inside `out`.
@@ -36,12 +37,20 @@ pub(super) unsafe fn f16_rows_to_f32(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        widen_rows(table, dim, rows, count, out, f16x8_to_f32x8, |h| {
-            half::f16::from_bits(h).to_f32()
-        })
+        widen_rows(
+            table,
+            dim,
+            rows,
+            count,
+            out,
+            prefetch,
+            f16x8_to_f32x8,
+            |h| half::f16::from_bits(h).to_f32(),
+        )
     }
 }
 
@@ -53,6 +62,7 @@ pub(super) unsafe fn bf16_rows_to_f32(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
 ) {
     // SAFETY: forwarded contract.
     unsafe {
@@ -62,6 +72,7 @@ pub(super) unsafe fn bf16_rows_to_f32(
             rows,
             count,
             out,
+            prefetch,
             |h| h << 16u32,
             super::scalar::bf16_to_f32,
         )
@@ -73,17 +84,19 @@ pub(super) unsafe fn bf16_rows_to_f32(
 /// # Safety
 /// [`WidenRowsFn`](super::WidenRowsFn)'s contract.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // the kernel contract plus two conversions
 unsafe fn widen_rows(
     table: &[u16],
     dim: usize,
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    prefetch: usize,
     vector: impl Fn(u32x8) -> u32x8,
     scalar: impl Fn(u16) -> f32,
 ) {
     for i in 0..count {
-        if let Some(&ahead) = rows.get(i + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = rows.get(i + prefetch) {
             prefetch_read(
                 table.as_ptr().wrapping_add(ahead * dim) as *const u8,
                 dim * 2,

@@ -11,6 +11,7 @@ pub(crate) unsafe fn copy_rows(
     rows: &[usize],
     count: usize,
     out: &mut [u8],
+    _prefetch: usize,
 ) {
     for (i, &r) in rows[..count].iter().enumerate() {
         for j in 0..row_bytes {
@@ -27,6 +28,7 @@ pub(crate) unsafe fn f16_rows_to_f32(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    _prefetch: usize,
 ) {
     for (i, &r) in rows[..count].iter().enumerate() {
         for j in 0..dim {
@@ -46,6 +48,7 @@ pub(crate) unsafe fn bf16_rows_to_f32(
     rows: &[usize],
     count: usize,
     out: &mut [f32],
+    _prefetch: usize,
 ) {
     for (i, &r) in rows[..count].iter().enumerate() {
         for j in 0..dim {

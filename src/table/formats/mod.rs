@@ -199,8 +199,16 @@ pub fn split_tensor_spec(spec: &str) -> (PathBuf, Option<String>) {
     (PathBuf::from(spec), None)
 }
 
-/// Checked product of a shape's dimensions and an element size.
+/// Checked product of a shape's dimensions and an element size: `None` when a dimension or
+/// the byte count exceeds `isize::MAX`. A zero dimension makes the tensor empty whatever the
+/// others are (numpy and PyTorch accept shape `(huge, 0)`), so it is no overflow.
 pub(crate) fn checked_bytes(shape: &[usize], elem: usize) -> Option<usize> {
+    if shape.iter().any(|&d| d > isize::MAX as usize) {
+        return None;
+    }
+    if shape.contains(&0) {
+        return Some(0);
+    }
     shape
         .iter()
         .try_fold(elem, |acc, &d| acc.checked_mul(d))

@@ -118,7 +118,7 @@ pub(super) fn header(
     }
     let mut json = serde_json::to_vec(&map).expect("json serialises");
     // Align the data for the widest element (8 bytes), as the reference writer does.
-    while (LEN_PREFIX + json.len()) % 64 != 0 {
+    while !(LEN_PREFIX + json.len()).is_multiple_of(64) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(LEN_PREFIX + json.len());

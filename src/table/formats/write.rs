@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{checked_bytes, npy, safetensors, Format, TensorDType};
 use crate::error::{Error, Result};
 
-/// A file being written under a temporary name; [`AtomicFile::commit`] renames it into place,
-/// dropping it without committing removes it.
+/// A file being written under a temporary name; [`AtomicFile::commit`] renames it into place.
+/// Dropping it without committing, or a commit that fails (flush, sync or rename), removes the
+/// temporary file and leaves the destination as it was.
 pub struct AtomicFile {
     tmp: PathBuf,
     dest: PathBuf,
     writer: Option<BufWriter<File>>,
+    /// Set once the rename succeeded: the temporary name no longer exists.
+    renamed: bool,
 }
 
 impl AtomicFile {
@@ -44,6 +47,7 @@ impl AtomicFile {
             tmp,
             dest: dest.to_path_buf(),
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            renamed: false,
         })
     }
 
@@ -53,7 +57,8 @@ impl AtomicFile {
         w.write_all(bytes).map_err(|e| Error::io(&self.dest, e))
     }
 
-    /// Flush, sync and rename into place.
+    /// Flush, sync and rename into place. On error the temporary file is removed (when `self`
+    /// drops) and the destination is untouched.
     pub fn commit(mut self) -> Result<()> {
         let w = self.writer.take().expect("committed once");
         let file = w
@@ -62,13 +67,16 @@ impl AtomicFile {
         file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
         drop(file);
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        self.renamed = true;
         Ok(())
     }
 }
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
+        if !self.renamed {
+            // Close before removing (the writer's own flush error, if any, is moot now).
+            drop(self.writer.take());
             let _ = fs::remove_file(&self.tmp);
         }
     }

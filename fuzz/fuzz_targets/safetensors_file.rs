@@ -1,0 +1,9 @@
+//! Arbitrary bytes as a `.safetensors` file: an error or a correct table, never a panic.
+//! See `src/files.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|bytes: &[u8]| {
+    embedding_lookup_fuzz::files::check(bytes, "safetensors");
+});

@@ -1,0 +1,172 @@
+//! `safetensors_file` and `npy_file`: arbitrary bytes as a file. Parsing and opening in every
+//! mode must give an error or a correct table, never a panic; a table must match the bytes it
+//! came from, and every row must look up.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use embedding_lookup::table::formats::{self, Format, TensorDType, TensorEntry};
+use embedding_lookup::{DType, Error, OpenMode, OpenOptions, StorageKind, Table};
+
+use crate::reference::{self, Ty};
+
+/// Rows looked up at each end of a table (tables of 10^12 empty rows exist).
+const EDGE_ROWS: usize = 64;
+
+/// A file path private to this process and thread, with the given extension.
+fn scratch(ext: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("emb-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("create the scratch directory");
+        d
+    });
+    let thread = format!("{:?}", std::thread::current().id());
+    let thread: String = thread.chars().filter(char::is_ascii_digit).collect();
+    dir.join(format!("input-{thread}.{ext}"))
+}
+
+/// Check one file's bytes; `ext` is `safetensors` or `npy`.
+pub fn check(bytes: &[u8], ext: &str) {
+    let path = scratch(ext);
+    std::fs::write(&path, bytes).expect("write the scratch file");
+    let format = Format::from_path(&path).expect("known extension");
+
+    let parsed = formats::parse(bytes, format);
+    if let Ok(p) = &parsed {
+        for e in &p.entries {
+            assert!(
+                e.data.start <= e.data.end && e.data.end <= bytes.len(),
+                "{e:?}"
+            );
+            if let Some(size) = e.dtype.size() {
+                // No dimension above isize::MAX; any zero dimension makes the tensor empty.
+                assert!(e.shape.iter().all(|&d| d <= isize::MAX as usize), "{e:?}");
+                let n = if e.shape.contains(&0) {
+                    0
+                } else {
+                    e.shape
+                        .iter()
+                        .try_fold(size, |a, &d| a.checked_mul(d))
+                        .expect("an accepted shape does not overflow")
+                };
+                assert_eq!(n, e.data.len(), "{e:?}");
+            }
+            if format == Format::Npy {
+                assert_eq!(e.data.end, bytes.len(), "npy data runs to the end");
+            }
+        }
+    } else if let Err(e) = &parsed {
+        assert_eq!(e.kind(), "format", "{e}");
+    }
+
+    let mut names: Vec<Option<&str>> = vec![None, Some("weight"), Some("")];
+    if let Ok(p) = &parsed {
+        names.extend(p.entries.iter().take(4).map(|e| Some(e.name.as_str())));
+    }
+    for name in names {
+        for mode in [OpenMode::Map, OpenMode::MapWritable, OpenMode::Copy] {
+            let want = parsed
+                .as_ref()
+                .ok()
+                .and_then(|p| expected_table(&p.entries, name, mode));
+            let got = Table::open_with(&path, &OpenOptions { tensor: name, mode });
+            match (got, want) {
+                (Ok(t), Some(entry)) => check_table(&t, &entry, bytes, mode),
+                (Err(e), None) => assert_eq!(e.kind(), "format", "{e}"),
+                (Ok(t), None) => panic!("{mode:?} {name:?}: opened {t:?}, expected an error"),
+                (Err(e), Some(entry)) => {
+                    panic!("{mode:?} {name:?}: {e}, expected a table from {entry:?}")
+                }
+            }
+            // Opening writable must not change the file.
+            if mode == OpenMode::MapWritable {
+                assert_eq!(std::fs::read(&path).expect("read back"), bytes);
+            }
+        }
+    }
+    let plain = Table::open(&path, None).map(|t| t.as_bytes().to_vec());
+    let mapped = Table::open_with(&path, &OpenOptions::default()).map(|t| t.as_bytes().to_vec());
+    assert_eq!(plain.ok(), mapped.ok());
+}
+
+/// The entry a table must come from, or `None` when opening must fail: named, or the only
+/// 2-D tensor; a float dtype; 2-D; aligned data for a writable map.
+fn expected_table(
+    entries: &[TensorEntry],
+    name: Option<&str>,
+    mode: OpenMode,
+) -> Option<TensorEntry> {
+    let entry = match name {
+        Some(n) => entries.iter().find(|e| e.name == n)?,
+        None => {
+            let mut two_d = entries.iter().filter(|e| e.shape.len() == 2);
+            let one = two_d.next()?;
+            if two_d.next().is_some() {
+                return None;
+            }
+            one
+        }
+    };
+    let TensorDType::Float(d) = entry.dtype else {
+        return None;
+    };
+    if entry.shape.len() != 2 {
+        return None;
+    }
+    if mode == OpenMode::MapWritable && !entry.data.start.is_multiple_of(d.size()) {
+        return None;
+    }
+    Some(entry.clone())
+}
+
+fn check_table(t: &Table<'_>, entry: &TensorEntry, bytes: &[u8], mode: OpenMode) {
+    let TensorDType::Float(dtype) = entry.dtype else {
+        unreachable!("expected_table accepts float tensors only")
+    };
+    let (rows, dim) = (entry.shape[0], entry.shape[1]);
+    assert_eq!((t.rows(), t.dim(), t.dtype()), (rows, dim, dtype));
+    let data = &bytes[entry.data.clone()];
+    assert_eq!(t.as_bytes(), data);
+    let aligned = entry.data.start.is_multiple_of(dtype.size());
+    let (kind, zero_copy) = match mode {
+        OpenMode::Map if aligned => (StorageKind::Mapped, true),
+        OpenMode::Map | OpenMode::Copy => (StorageKind::Owned, false),
+        OpenMode::MapWritable => (StorageKind::MappedWritable, true),
+    };
+    assert_eq!((t.storage_kind(), t.is_zero_copy()), (kind, zero_copy));
+
+    // Every row at both ends looks up, natively and widened to f32; one past the end fails.
+    let mut idx: Vec<u64> = (0..rows.min(EDGE_ROWS) as u64).collect();
+    idx.extend((rows.saturating_sub(EDGE_ROWS).max(EDGE_ROWS.min(rows))..rows).map(|r| r as u64));
+    let values: Vec<i128> = idx.iter().map(|&i| i as i128).collect();
+    let ty = match dtype {
+        DType::F32 => Ty::F32,
+        DType::F16 => Ty::F16,
+        DType::BF16 => Ty::Bf16,
+    };
+    let native: Result<Vec<u8>, Error> = match dtype {
+        DType::F32 => t
+            .lookup::<u64, f32>(&idx)
+            .map(|v| bytemuck::cast_slice::<_, u8>(&v).to_vec()),
+        DType::F16 => t
+            .lookup::<u64, half::f16>(&idx)
+            .map(|v| bytemuck::cast_slice::<_, u8>(&v).to_vec()),
+        DType::BF16 => t
+            .lookup::<u64, half::bf16>(&idx)
+            .map(|v| bytemuck::cast_slice::<_, u8>(&v).to_vec()),
+    };
+    assert_eq!(
+        native.expect("valid rows look up"),
+        reference::gather(data, ty, dim, &values, false)
+    );
+    let wide: Vec<f32> = t.lookup(&idx).expect("valid rows widen to f32");
+    assert_eq!(
+        bytemuck::cast_slice::<f32, u8>(&wide),
+        &reference::gather(data, ty, dim, &values, dtype != DType::F32)[..]
+    );
+    match t.lookup::<u64, f32>(&[rows as u64]) {
+        Err(Error::IndexOutOfRange { position: 0, .. }) => {}
+        other => panic!("row {rows} of {rows}: {:?}", other.map(|v| v.len())),
+    }
+}
