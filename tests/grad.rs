@@ -155,7 +155,7 @@ fn ref_max_indices(
                     continue;
                 }
                 let v = table[i as usize * dim + c];
-                if best.map_or(true, |(bv, _)| v > bv) {
+                if best.is_none_or(|(bv, _)| v > bv) {
                     best = Some((v, i));
                 }
             }

@@ -62,7 +62,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::grad::GradKernels;
-use crate::kernels::PREFETCH_DISTANCE;
+use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
@@ -827,7 +827,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
                     // (bags, 0) indices: the bag count comes from grad_output.
                     grad_output.len().checked_div(dim).unwrap_or(0)
                 } else {
-                    if n % bag_size != 0 {
+                    if !n.is_multiple_of(bag_size) {
                         return Err(Error::ShapeMismatch(format!(
                             "{n} indices cannot form bags of {bag_size}"
                         )));
@@ -1072,7 +1072,7 @@ impl Groups {
         let mut w = Vec::with_capacity(self.order.len());
         for b in self.bounds.windows(2) {
             let n = b[1] - b[0];
-            w.extend(std::iter::repeat((1.0 / n as f64) as f32).take(n as usize));
+            w.extend(std::iter::repeat_n((1.0 / n as f64) as f32, n as usize));
         }
         w
     }
@@ -1090,8 +1090,14 @@ fn counting_sort(
     row_of: &(impl Fn(usize) -> Option<usize> + Sync),
 ) -> (Vec<u32>, Vec<u32>) {
     let mut bounds = vec![0u32; num_rows + 1];
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || n < PARALLEL_SORT_MIN || num_rows < threads {
+    // Small inputs are decided before asking rayon anything (its first question starts the
+    // global pool).
+    let threads = if n < PARALLEL_SORT_MIN {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    if threads <= 1 || num_rows < threads {
         // Count row r at bounds[r + 1]; the prefix sum makes bounds[r] the start of row r;
         // placing items advances bounds[r] to the start of row r + 1, and one shift restores
         // the starts.
@@ -1244,6 +1250,7 @@ fn reduce(
             weights,
         } => {
             let mut rows_buf = [0usize; BATCH];
+            let prefetch = prefetch_distance();
             let mut s = segs.start;
             while s < segs.end {
                 let e = (s + BATCH).min(segs.end);
@@ -1252,7 +1259,7 @@ fn reduce(
                 }
                 let a0 = groups.bounds[s] as usize;
                 let a1 = groups.bounds[e] as usize;
-                let ahead = (a1 + PREFETCH_DISTANCE).min(items.len());
+                let ahead = (a1 + prefetch).min(items.len());
                 // SAFETY: items are positions (or bags) below src.len() / dim, as built from
                 // validated input; bounds ascend and index `items`/`weights` within their
                 // lengths; the segments' destination rows are distinct table rows (or output
@@ -1266,6 +1273,7 @@ fn reduce(
                         &groups.bounds[s..=e],
                         &rows_buf[..e - s],
                         dst,
+                        prefetch,
                     )
                 };
                 s = e;
@@ -1312,7 +1320,9 @@ fn scatter_dense(
     if dim == 0 || rows == 0 {
         return;
     }
-    const CAP: usize = BATCH + PREFETCH_DISTANCE;
+    const CAP: usize = BATCH + MAX_PREFETCH_DISTANCE;
+    let prefetch = prefetch_distance();
+    let full = BATCH + prefetch;
     let run = |first: usize, out: &mut [f32]| {
         let end = first + out.len() / dim;
         out.fill(0.0);
@@ -1335,6 +1345,7 @@ fn scatter_dense(
                         &dst[..len],
                         count,
                         out,
+                        prefetch,
                     )
                 }
             };
@@ -1349,13 +1360,13 @@ fn scatter_dense(
             dst[len] = r - first;
             weights[len] = w;
             len += 1;
-            if len == CAP {
+            if len == full {
                 // Add the first BATCH; the rest were the lookahead and move to the front.
-                flush(BATCH, CAP, &items, &dst, &weights);
-                items.copy_within(BATCH.., 0);
-                dst.copy_within(BATCH.., 0);
-                weights.copy_within(BATCH.., 0);
-                len = PREFETCH_DISTANCE;
+                flush(BATCH, full, &items, &dst, &weights);
+                items.copy_within(BATCH..full, 0);
+                dst.copy_within(BATCH..full, 0);
+                weights.copy_within(BATCH..full, 0);
+                len = prefetch;
             }
         }
         flush(len, len, &items, &dst, &weights);

@@ -5,10 +5,11 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn reduce_segments(
     src: &[f32],
@@ -18,6 +19,7 @@ pub(super) unsafe fn reduce_segments(
     bounds: &[u32],
     dst_rows: &[usize],
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let base = bounds[0];
     let sp = src.as_ptr();
@@ -28,7 +30,7 @@ pub(super) unsafe fn reduce_segments(
         let out = unsafe { dst.as_mut_ptr().add(*dst_rows.get_unchecked(k) * dim) };
         // Prefetch on the first pass over the segment, whichever loop makes it.
         let prefetch = |a: usize| {
-            if let Some(&ahead) = items.get(a + PREFETCH_DISTANCE) {
+            if let Some(&ahead) = items.get(a + prefetch) {
                 prefetch_read(sp.wrapping_add(ahead as usize * dim) as *const u8, dim * 4);
             }
         };
@@ -88,6 +90,7 @@ pub(super) unsafe fn reduce_segments(
 
 /// # Safety
 /// [`ScatterAddFn`](super::ScatterAddFn)'s contract; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn scatter_add(
     src: &[f32],
@@ -97,13 +100,11 @@ pub(super) unsafe fn scatter_add(
     dst_rows: &[usize],
     count: usize,
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     for a in 0..count {
-        if let (Some(&s), Some(&d)) = (
-            items.get(a + PREFETCH_DISTANCE),
-            dst_rows.get(a + PREFETCH_DISTANCE),
-        ) {
+        if let (Some(&s), Some(&d)) = (items.get(a + prefetch), dst_rows.get(a + prefetch)) {
             prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
             prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
         }

@@ -4,10 +4,11 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// # Safety
 /// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; the CPU has AVX-512 F.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn reduce_segments(
     src: &[f32],
@@ -17,6 +18,7 @@ pub(super) unsafe fn reduce_segments(
     bounds: &[u32],
     dst_rows: &[usize],
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let base = bounds[0];
     let sp = src.as_ptr();
@@ -46,7 +48,7 @@ pub(super) unsafe fn reduce_segments(
                 let mut acc = [_mm512_setzero_ps(); 4];
                 for a in start..end {
                     if j0 == 0 {
-                        if let Some(&ahead) = items.get(a + PREFETCH_DISTANCE) {
+                        if let Some(&ahead) = items.get(a + prefetch) {
                             prefetch_read(
                                 sp.wrapping_add(ahead as usize * dim) as *const u8,
                                 dim * 4,
@@ -77,6 +79,7 @@ pub(super) unsafe fn reduce_segments(
 
 /// # Safety
 /// [`ScatterAddFn`](super::ScatterAddFn)'s contract; the CPU has AVX-512 F.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn scatter_add(
     src: &[f32],
@@ -86,14 +89,12 @@ pub(super) unsafe fn scatter_add(
     dst_rows: &[usize],
     count: usize,
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     let tail: __mmask16 = ((1u32 << (dim % 16)) - 1) as u16;
     for a in 0..count {
-        if let (Some(&s), Some(&d)) = (
-            items.get(a + PREFETCH_DISTANCE),
-            dst_rows.get(a + PREFETCH_DISTANCE),
-        ) {
+        if let (Some(&s), Some(&d)) = (items.get(a + prefetch), dst_rows.get(a + prefetch)) {
             prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
             prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
         }

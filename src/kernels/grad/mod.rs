@@ -16,8 +16,9 @@
 //! PyTorch's CPU backward does (`grad_weight[k].add_(grad[i], scale)` runs as `fmadd`), so
 //! scaled gradients match PyTorch bit for bit, and with weight 1 it is a plain sum. Every
 //! instruction set produces the same bits as the scalar reference. Items past the last
-//! segment (up to [`PREFETCH_DISTANCE`](super::PREFETCH_DISTANCE)) are only prefetched, so
-//! prefetching runs ahead across segment and batch boundaries.
+//! segment (up to `prefetch` of them) are only prefetched, so prefetching runs ahead across
+//! segment and batch boundaries: while adding item `a` a kernel prefetches item
+//! `a + prefetch` ([`prefetch_distance`](super::prefetch_distance)).
 
 mod portable;
 pub(crate) mod scalar;
@@ -32,7 +33,7 @@ use super::Isa;
 /// Reduce segments of weighted source rows into destination rows.
 ///
 /// `items` holds the source row numbers of the batch's segments followed by up to
-/// `PREFETCH_DISTANCE` lookahead rows; segment `k` is `items[bounds[k] - bounds[0] ..
+/// `prefetch` lookahead rows; segment `k` is `items[bounds[k] - bounds[0] ..
 /// bounds[k + 1] - bounds[0]]` with weights at the same offsets of `weights`, and its sum goes
 /// to `dst[dst_rows[k] * dim ..][..dim]` (overwritten, not added to).
 ///
@@ -43,6 +44,8 @@ use super::Isa;
 /// - every `dst_rows[k]` satisfies `(dst_rows[k] + 1) * dim <= dst.len()`, and the
 ///   `dst_rows` of one call are distinct;
 /// - the CPU supports the kernel's instruction set.
+///
+/// `prefetch` is how many items ahead to prefetch (0: none).
 pub type ReduceSegmentsFn = unsafe fn(
     src: &[f32],
     dim: usize,
@@ -51,12 +54,13 @@ pub type ReduceSegmentsFn = unsafe fn(
     bounds: &[u32],
     dst_rows: &[usize],
     dst: &mut [f32],
+    prefetch: usize,
 );
 
 /// Add weighted source rows into destination rows, one contribution at a time, in order:
 /// `dst[dst_rows[a]] = fma(weights[a], src[items[a]], dst[dst_rows[a]])` for `a < count`
-/// (element by element). Entries `count..` of `items` and `dst_rows` (up to
-/// `PREFETCH_DISTANCE`) are only prefetched.
+/// (element by element). Entries `count..` of `items` and `dst_rows` (up to `prefetch` of
+/// them) are only prefetched.
 ///
 /// # Safety
 /// - `count <= items.len()`, `count <= dst_rows.len()`, `count <= weights.len()`, and
@@ -64,6 +68,8 @@ pub type ReduceSegmentsFn = unsafe fn(
 /// - every `items[a]` satisfies `(items[a] + 1) * dim <= src.len()` and every `dst_rows[a]`
 ///   satisfies `(dst_rows[a] + 1) * dim <= dst.len()` (lookahead entries included);
 /// - the CPU supports the kernel's instruction set.
+///
+/// `prefetch` is how many items ahead to prefetch (0: none).
 pub type ScatterAddFn = unsafe fn(
     src: &[f32],
     dim: usize,
@@ -72,6 +78,7 @@ pub type ScatterAddFn = unsafe fn(
     dst_rows: &[usize],
     count: usize,
     dst: &mut [f32],
+    prefetch: usize,
 );
 
 /// The gradient kernels of one instruction-set level.
@@ -128,7 +135,7 @@ mod tests {
     //! widest column block plus one, empty and long segments, repeated source rows, weights of
     //! one and others, special values, scattered destination rows.
     use super::*;
-    use crate::kernels::PREFETCH_DISTANCE;
+    use crate::kernels::DEFAULT_PREFETCH_DISTANCE as PREFETCH_DISTANCE;
     use crate::util::Rng;
 
     /// The AVX-512 kernel reduces 64 columns per block: test up to two blocks plus one.
@@ -146,7 +153,7 @@ mod tests {
             f32::NAN,
             1e30,
         ];
-        if i % 11 == 0 {
+        if i.is_multiple_of(11) {
             SPECIAL[i / 11 % SPECIAL.len()]
         } else {
             rng.normal() * 10f32.powi((rng.below(7) as i32) - 3)
@@ -194,9 +201,25 @@ mod tests {
                 // n <= items/weights lengths, dst_rows distinct and below `dst_len`.
                 unsafe {
                     (reference.reduce_segments)(
-                        &src, dim, &items, &weights, &bounds, &dst_rows, &mut want,
+                        &src,
+                        dim,
+                        &items,
+                        &weights,
+                        &bounds,
+                        &dst_rows,
+                        &mut want,
+                        PREFETCH_DISTANCE,
                     );
-                    (k.reduce_segments)(&src, dim, &items, &weights, &bounds, &dst_rows, &mut got);
+                    (k.reduce_segments)(
+                        &src,
+                        dim,
+                        &items,
+                        &weights,
+                        &bounds,
+                        &dst_rows,
+                        &mut got,
+                        PREFETCH_DISTANCE,
+                    );
                 }
                 assert!(same_bits(&got, &want), "{} dim {dim}", k.name());
                 // Rows not named in dst_rows are untouched.
@@ -237,9 +260,25 @@ mod tests {
                     // of weights, lookahead entries in range.
                     unsafe {
                         (reference.scatter_add)(
-                            &src, dim, &items, &weights, &dst_rows, count, &mut want,
+                            &src,
+                            dim,
+                            &items,
+                            &weights,
+                            &dst_rows,
+                            count,
+                            &mut want,
+                            PREFETCH_DISTANCE,
                         );
-                        (k.scatter_add)(&src, dim, &items, &weights, &dst_rows, count, &mut got);
+                        (k.scatter_add)(
+                            &src,
+                            dim,
+                            &items,
+                            &weights,
+                            &dst_rows,
+                            count,
+                            &mut got,
+                            PREFETCH_DISTANCE,
+                        );
                     }
                     assert!(
                         same_bits(&got, &want),
@@ -272,12 +311,13 @@ mod tests {
                     &[0, 2],
                     &[0],
                     &mut dst,
+                    0,
                 )
             };
             assert_eq!(dst[0], 2f32.powi(-46), "{}", k.name());
             let mut dst = [-(1.0 + 2.0 * f32::EPSILON)];
             // SAFETY: item 1 of a 2-row source of width 1 into the one destination row.
-            unsafe { (k.scatter_add)(&src, 1, &[1], &[x], &[0], 1, &mut dst) };
+            unsafe { (k.scatter_add)(&src, 1, &[1], &[x], &[0], 1, &mut dst, 0) };
             assert_eq!(dst[0], 2f32.powi(-46), "{} scatter_add", k.name());
         }
     }
@@ -297,6 +337,7 @@ mod tests {
                 &[0, 3, 3],
                 &[1, 0],
                 &mut dst,
+                0,
             )
         };
         assert_eq!(dst, [0.0, 0.0, 26.0, 52.0]);
@@ -304,7 +345,7 @@ mod tests {
         // PyTorch's zero-initialised accumulation does.
         let mut dst = [9.0f32; 1];
         // SAFETY: as above.
-        unsafe { scalar::reduce_segments(&[-0.0], 1, &[0], &[1.0], &[0, 1], &[0], &mut dst) };
+        unsafe { scalar::reduce_segments(&[-0.0], 1, &[0], &[1.0], &[0, 1], &[0], &mut dst, 0) };
         assert_eq!(dst[0].to_bits(), 0.0f32.to_bits());
     }
 }

@@ -5,7 +5,7 @@
 //! but slower library call (on x86_64 the AVX2 or AVX-512 kernel is picked before this one).
 //! The last `dim % 8` columns go through the scalar expression.
 
-use crate::kernels::{prefetch_read, PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// Lanes per group, and groups per register block.
 const LANES: usize = 8;
@@ -13,6 +13,7 @@ const GROUPS: usize = 4;
 
 /// # Safety
 /// [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 pub(super) unsafe fn reduce_segments(
     src: &[f32],
     dim: usize,
@@ -21,12 +22,13 @@ pub(super) unsafe fn reduce_segments(
     bounds: &[u32],
     dst_rows: &[usize],
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let base = bounds[0];
     let sp = src.as_ptr();
     let vec_cols = dim / LANES * LANES;
     let prefetch = |a: usize| {
-        if let Some(&ahead) = items.get(a + PREFETCH_DISTANCE) {
+        if let Some(&ahead) = items.get(a + prefetch) {
             prefetch_read(sp.wrapping_add(ahead as usize * dim) as *const u8, dim * 4);
         }
     };
@@ -84,6 +86,7 @@ pub(super) unsafe fn reduce_segments(
 
 /// # Safety
 /// [`ScatterAddFn`](super::ScatterAddFn)'s contract.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 pub(super) unsafe fn scatter_add(
     src: &[f32],
     dim: usize,
@@ -92,13 +95,11 @@ pub(super) unsafe fn scatter_add(
     dst_rows: &[usize],
     count: usize,
     dst: &mut [f32],
+    prefetch: usize,
 ) {
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     for a in 0..count {
-        if let (Some(&s), Some(&d)) = (
-            items.get(a + PREFETCH_DISTANCE),
-            dst_rows.get(a + PREFETCH_DISTANCE),
-        ) {
+        if let (Some(&s), Some(&d)) = (items.get(a + prefetch), dst_rows.get(a + prefetch)) {
             prefetch_read(sp.wrapping_add(s as usize * dim) as *const u8, dim * 4);
             prefetch_read(dp.wrapping_add(d * dim) as *const u8, dim * 4);
         }

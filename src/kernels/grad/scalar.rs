@@ -4,6 +4,7 @@
 /// # Safety
 /// None beyond [`ReduceSegmentsFn`](super::ReduceSegmentsFn)'s contract; this reference
 /// checks bounds.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 pub(crate) unsafe fn reduce_segments(
     src: &[f32],
     dim: usize,
@@ -12,6 +13,7 @@ pub(crate) unsafe fn reduce_segments(
     bounds: &[u32],
     dst_rows: &[usize],
     dst: &mut [f32],
+    _prefetch: usize,
 ) {
     let base = bounds[0];
     for (k, b) in bounds.windows(2).enumerate() {
@@ -30,6 +32,7 @@ pub(crate) unsafe fn reduce_segments(
 /// # Safety
 /// None beyond [`ScatterAddFn`](super::ScatterAddFn)'s contract; this reference checks
 /// bounds.
+#[allow(clippy::too_many_arguments)] // the kernel signature: slices and sizes
 pub(crate) unsafe fn scatter_add(
     src: &[f32],
     dim: usize,
@@ -38,6 +41,7 @@ pub(crate) unsafe fn scatter_add(
     dst_rows: &[usize],
     count: usize,
     dst: &mut [f32],
+    _prefetch: usize,
 ) {
     for a in 0..count {
         let (s, d) = (items[a] as usize * dim, dst_rows[a] * dim);
