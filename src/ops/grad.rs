@@ -19,14 +19,16 @@
 //!
 //! # How it runs
 //! Validate everything first; then
-//! - **dense**: split the table's rows across rayon's threads; each thread zeroes its rows and
+//! - **dense** (lookups; sum and mean bags): split the table's rows across rayon's threads;
+//!   each thread zeroes its rows and
 //!   walks the positions in order, adding (SIMD `scatter_add`) those that fall in its rows.
 //!   The gradient rows are read in order; nothing is sorted, and nothing is allocated but the
 //!   per-row counts of `scale_grad_by_freq`.
 //! - **coalesced**: group the positions by row (a counting sort split by row range across
 //!   threads, or a radix sort of `(row, position)` keys when the table is much larger than the
 //!   batch), then reduce each row's contributions in registers and write the row once (SIMD
-//!   `reduce_segments`), segments split across threads.
+//!   `reduce_segments`), segments split across threads. Max bags group their
+//!   `(bag, column)` entries by winning row the same way, dense or coalesced.
 //!
 //! No atomics and no float races: every row is written by one thread and sees its
 //! contributions in position order, as `fma(w₁, g₁, fma(w₀, g₀, 0)) …` — which is how PyTorch's
