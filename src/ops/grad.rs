@@ -20,10 +20,9 @@
 //! # How it runs
 //! Validate everything first; then
 //! - **dense** (lookups; sum and mean bags): split the table's rows across rayon's threads;
-//!   each thread zeroes its rows and
-//!   walks the positions in order, adding (SIMD `scatter_add`) those that fall in its rows.
-//!   The gradient rows are read in order; nothing is sorted, and nothing is allocated but the
-//!   per-row counts of `scale_grad_by_freq`.
+//!   each thread zeroes its rows and walks the positions in order, adding (SIMD
+//!   `scatter_add`) those that fall in its rows. The gradient rows are read in order; nothing
+//!   is sorted, and nothing is allocated but the per-row counts of `scale_grad_by_freq`.
 //! - **coalesced**: group the positions by row (a counting sort split by row range across
 //!   threads, or a radix sort of `(row, position)` keys when the table is much larger than the
 //!   batch), then reduce each row's contributions in registers and write the row once (SIMD
