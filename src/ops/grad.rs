@@ -1372,12 +1372,16 @@ fn scatter_dense(
         }
         flush(len, len, &items, &dst, &weights);
     };
+    // Every chunk walks all positions and reads its share of the gradient rows, so the rows
+    // are split once per thread (not into the usual several chunks per thread).
     match parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)) {
         None => run(0, out),
-        Some(chunk) => out
-            .par_chunks_mut(chunk * dim)
-            .enumerate()
-            .for_each(|(c, out)| run(c * chunk, out)),
+        Some(_) => {
+            let chunk = rows.div_ceil(rayon::current_num_threads());
+            out.par_chunks_mut(chunk * dim)
+                .enumerate()
+                .for_each(|(c, out)| run(c * chunk, out))
+        }
     }
 }
 
