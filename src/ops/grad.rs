@@ -1304,11 +1304,13 @@ fn row_counts(n: usize, rows: usize, row_of: impl Fn(usize) -> Option<usize>) ->
     counts
 }
 
-/// The dense gradient by scatter-adding: rows split across threads; each thread zeroes its
-/// rows, then walks the contributions in order and adds those that fall in its rows. So each
-/// row sees its contributions in position order, whatever the split, with no sort and no
-/// shared writes; the gradient rows are read in order. `contribution(p)` is `(table row,
-/// source row of src, weight)`, or `None` for a skipped position.
+/// The dense gradient by scatter-adding. The table's rows are cut into ranges, a few per
+/// thread; the positions are partitioned by range (a stable, parallel counting pass, so each
+/// range's positions stay ascending); then each range is a task: zero its rows and add its
+/// positions' contributions in order. Every row sees its contributions in position order,
+/// whatever the split; no sort by row, no shared writes, and the gradient rows are read in
+/// order. `contribution(p)` is `(table row, source row of src, weight)`, or `None` for a
+/// skipped position.
 fn scatter_dense(
     k: &GradKernels,
     n: usize,
@@ -1321,68 +1323,133 @@ fn scatter_dense(
     if dim == 0 || rows == 0 {
         return;
     }
+    let Some(chunk) = parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)) else {
+        out.fill(0.0);
+        scatter_positions(k, 0..n, contribution, src, dim, 0, out);
+        return;
+    };
+    let ranges = rows.div_ceil(chunk);
+    // Partition positions by row range: position blocks count per range, a prefix sum over
+    // (range, block) gives each block's place, then the blocks place their positions.
+    let block = n.div_ceil(ranges).max(1);
+    let blocks = n.div_ceil(block);
+    let range_of = |p: usize| contribution(p).map(|(r, _, _)| r / chunk);
+    let mut counts = vec![0u32; blocks * ranges]; // [block][range]
+    counts
+        .par_chunks_mut(ranges)
+        .enumerate()
+        .for_each(|(b, counts)| {
+            for p in b * block..((b + 1) * block).min(n) {
+                if let Some(r) = range_of(p) {
+                    counts[r] += 1;
+                }
+            }
+        });
+    // Range r's positions, block by block: cut the buffer into one slice per (range, block)
+    // and give each block its slices.
+    let mut range_start = vec![0usize; ranges + 1];
+    for r in 0..ranges {
+        let in_range: usize = (0..blocks).map(|b| counts[b * ranges + r] as usize).sum();
+        range_start[r + 1] = range_start[r] + in_range;
+    }
+    let mut positions = vec![0u32; range_start[ranges]];
+    let mut per_block: Vec<Vec<&mut [u32]>> =
+        (0..blocks).map(|_| Vec::with_capacity(ranges)).collect();
+    let mut rest = &mut positions[..];
+    for r in 0..ranges {
+        for (b, slices) in per_block.iter_mut().enumerate() {
+            let (mine, tail) =
+                std::mem::take(&mut rest).split_at_mut(counts[b * ranges + r] as usize);
+            slices.push(mine);
+            rest = tail;
+        }
+    }
+    per_block
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut slices)| {
+            let mut next = vec![0usize; ranges];
+            for p in b * block..((b + 1) * block).min(n) {
+                if let Some(r) = range_of(p) {
+                    slices[r][next[r]] = p as u32;
+                    next[r] += 1;
+                }
+            }
+        });
+    out.par_chunks_mut(chunk * dim)
+        .enumerate()
+        .for_each(|(r, out)| {
+            out.fill(0.0);
+            let mine = &positions[range_start[r]..range_start[r + 1]];
+            scatter_positions(
+                k,
+                mine.iter().map(|&p| p as usize),
+                contribution,
+                src,
+                dim,
+                r * chunk,
+                out,
+            );
+        });
+}
+
+/// Add the contributions of `positions` (ascending) whose rows lie in
+/// `first..first + out.len() / dim` into `out`, in order, in batches through the kernel.
+fn scatter_positions(
+    k: &GradKernels,
+    positions: impl Iterator<Item = usize>,
+    contribution: impl Fn(usize) -> Option<(usize, u32, f32)>,
+    src: &[f32],
+    dim: usize,
+    first: usize,
+    out: &mut [f32],
+) {
     const CAP: usize = BATCH + MAX_PREFETCH_DISTANCE;
     let prefetch = prefetch_distance();
     let full = BATCH + prefetch;
-    let run = |first: usize, out: &mut [f32]| {
-        let end = first + out.len() / dim;
-        out.fill(0.0);
-        let mut items = [0u32; CAP];
-        let mut dst = [0usize; CAP];
-        let mut weights = [0f32; CAP];
-        let mut len = 0;
-        let mut flush =
-            |count: usize, len: usize, items: &[u32], dst: &[usize], weights: &[f32]| {
-                // SAFETY: source rows are positions or bags below src.len() / dim (validated
-                // input), destination rows are below this chunk's row count, `count <= len`
-                // entries of each array are filled, and the kernels were built for an ISA this
-                // CPU has.
-                unsafe {
-                    (k.scatter_add)(
-                        src,
-                        dim,
-                        &items[..len],
-                        &weights[..len],
-                        &dst[..len],
-                        count,
-                        out,
-                        prefetch,
-                    )
-                }
-            };
-        for p in 0..n {
-            let Some((r, s, w)) = contribution(p) else {
-                continue;
-            };
-            if r < first || r >= end {
-                continue;
-            }
-            items[len] = s;
-            dst[len] = r - first;
-            weights[len] = w;
-            len += 1;
-            if len == full {
-                // Add the first BATCH; the rest were the lookahead and move to the front.
-                flush(BATCH, full, &items, &dst, &weights);
-                items.copy_within(BATCH..full, 0);
-                dst.copy_within(BATCH..full, 0);
-                weights.copy_within(BATCH..full, 0);
-                len = prefetch;
-            }
+    let end = first + out.len() / dim;
+    let mut items = [0u32; CAP];
+    let mut dst = [0usize; CAP];
+    let mut weights = [0f32; CAP];
+    let mut len = 0;
+    let mut flush = |count: usize, len: usize, items: &[u32], dst: &[usize], weights: &[f32]| {
+        // SAFETY: source rows are positions or bags below src.len() / dim (validated input),
+        // destination rows are below this range's row count, `count <= len` entries of each
+        // array are filled, and the kernels were built for an ISA this CPU has.
+        unsafe {
+            (k.scatter_add)(
+                src,
+                dim,
+                &items[..len],
+                &weights[..len],
+                &dst[..len],
+                count,
+                out,
+                prefetch,
+            )
         }
-        flush(len, len, &items, &dst, &weights);
     };
-    // Every chunk walks all positions and reads its share of the gradient rows, so the rows
-    // are split once per thread (not into the usual several chunks per thread).
-    match parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)) {
-        None => run(0, out),
-        Some(_) => {
-            let chunk = rows.div_ceil(rayon::current_num_threads());
-            out.par_chunks_mut(chunk * dim)
-                .enumerate()
-                .for_each(|(c, out)| run(c * chunk, out))
+    for p in positions {
+        let Some((r, s, w)) = contribution(p) else {
+            continue;
+        };
+        if r < first || r >= end {
+            continue;
+        }
+        items[len] = s;
+        dst[len] = r - first;
+        weights[len] = w;
+        len += 1;
+        if len == full {
+            // Add the first BATCH; the rest were the lookahead and move to the front.
+            flush(BATCH, full, &items, &dst, &weights);
+            items.copy_within(BATCH..full, 0);
+            dst.copy_within(BATCH..full, 0);
+            weights.copy_within(BATCH..full, 0);
+            len = prefetch;
         }
     }
+    flush(len, len, &items, &dst, &weights);
 }
 
 /// Bytes of work per unit when `units` share `n` contributions of `dim` f32 each.
