@@ -47,11 +47,11 @@ pub mod workload;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use index::Index;
-pub use ops::grad::{
-    BagGradMode, BagLayout, CoalescedGrad, EmbeddingBackward, EmbeddingBagBackward, SparseGrad,
-};
+pub use ops::bag::{BagMode, BagOptions, Bags};
+pub use ops::grad::{CoalescedGrad, EmbeddingBackward, EmbeddingBagBackward, SparseGrad};
 pub use ops::lookup::output_shape;
 pub use ops::optim::{Rounding, RowwiseAdagrad, Sgd};
+pub use ops::renorm::MaxNorm;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
 
 /// The name of the kernel set this process uses (`avx512`, `avx2+f16c`, `neon`, `portable`,

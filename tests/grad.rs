@@ -1,12 +1,10 @@
 //! Gradients and optimizer steps against plain scalar references written here from PyTorch's
 //! definitions, bit for bit; errors; determinism across thread counts.
 
-use embedding_lookup::ops::grad::{
-    BagGradMode, BagLayout, CoalescedGrad, EmbeddingBackward, EmbeddingBagBackward,
-};
+use embedding_lookup::ops::grad::{CoalescedGrad, EmbeddingBackward, EmbeddingBagBackward};
 use embedding_lookup::ops::optim::{Rounding, RowwiseAdagrad, Sgd};
 use embedding_lookup::util::Rng;
-use embedding_lookup::{DType, Error, OpenMode, OpenOptions, Table};
+use embedding_lookup::{BagMode, Bags, DType, Error, OpenMode, OpenOptions, Table};
 use half::{bf16, f16};
 
 // ----------------------------------------------------------------------------------------------
@@ -46,12 +44,12 @@ fn ref_dense(
 }
 
 /// Bags as (start, end) ranges.
-fn bag_ranges(n: usize, layout: &BagLayout<'_>, bags_from_go: usize) -> Vec<(usize, usize)> {
+fn bag_ranges(n: usize, layout: &Bags<'_>, bags_from_go: usize) -> Vec<(usize, usize)> {
     match *layout {
-        BagLayout::Fixed { bag_size } => (0..bags_from_go)
+        Bags::Fixed(bag_size) => (0..bags_from_go)
             .map(|b| (b * bag_size, (b + 1) * bag_size))
             .collect(),
-        BagLayout::Offsets {
+        Bags::Offsets {
             offsets,
             include_last_offset,
         } => {
@@ -383,7 +381,7 @@ fn bag_gradients_match_the_reference() {
         ] {
             for include_last in [false, true] {
                 let c = bag_case(n, bags, rows, include_last, &mut rng);
-                let layout = BagLayout::Offsets {
+                let layout = Bags::Offsets {
                     offsets: &c.offsets,
                     include_last_offset: c.include_last,
                 };
@@ -395,15 +393,10 @@ fn bag_gradients_match_the_reference() {
                 for pad in [None, Some(1i64)] {
                     let padn = pad.map(|p| p as usize);
                     let max_indices = ref_max_indices(&table, &c.idx, &ranges, dim, padn);
-                    for (mode, m) in [
-                        (Mode::Sum, BagGradMode::Sum),
-                        (Mode::Mean, BagGradMode::Mean),
-                        (
-                            Mode::Max,
-                            BagGradMode::Max {
-                                max_indices: &max_indices,
-                            },
-                        ),
+                    for (mode, m, winners) in [
+                        (Mode::Sum, BagMode::Sum, None),
+                        (Mode::Mean, BagMode::Mean, None),
+                        (Mode::Max, BagMode::Max, Some(&max_indices[..])),
                     ] {
                         for freq in [false, true] {
                             for weights in [None, Some(&psw[..])] {
@@ -428,6 +421,7 @@ fn bag_gradients_match_the_reference() {
                                     freq,
                                 );
                                 let bw = EmbeddingBagBackward::new(&c.idx, layout, m)
+                                    .max_indices(winners)
                                     .per_sample_weights(weights)
                                     .padding_idx(pad)
                                     .scale_grad_by_freq(freq);
@@ -451,14 +445,14 @@ fn fixed_size_bags_equal_offsets_bags() {
     let idx = indices(bags * size, rows, &mut rng);
     let offsets: Vec<i64> = (0..bags).map(|b| (b * size) as i64).collect();
     let go = randn(bags * dim, &mut rng);
-    for mode in [BagGradMode::Sum, BagGradMode::Mean] {
-        let fixed = EmbeddingBagBackward::new(&idx, BagLayout::Fixed { bag_size: size }, mode)
+    for mode in [BagMode::Sum, BagMode::Mean] {
+        let fixed = EmbeddingBagBackward::new(&idx, Bags::fixed(size), mode)
             .padding_idx(Some(0))
             .dense(&go, rows, dim)
             .unwrap();
         let with_offsets = EmbeddingBagBackward::new(
             &idx,
-            BagLayout::Offsets {
+            Bags::Offsets {
                 offsets: &offsets,
                 include_last_offset: false,
             },
@@ -476,7 +470,7 @@ fn sparse_bag_gradient_is_pytorchs() {
     let mut rng = Rng::new(23);
     let (n, rows, dim) = (120, 15, 6);
     let c = bag_case(n, 20, rows, false, &mut rng);
-    let layout = BagLayout::Offsets {
+    let layout = Bags::Offsets {
         offsets: &c.offsets,
         include_last_offset: false,
     };
@@ -485,9 +479,9 @@ fn sparse_bag_gradient_is_pytorchs() {
     let psw = randn(n, &mut rng);
     let pad = Some(2usize);
     for (mode, weights) in [
-        (BagGradMode::Sum, None),
-        (BagGradMode::Sum, Some(&psw[..])),
-        (BagGradMode::Mean, None),
+        (BagMode::Sum, None),
+        (BagMode::Sum, Some(&psw[..])),
+        (BagMode::Mean, None),
     ] {
         let sp = EmbeddingBagBackward::new(&c.idx, layout, mode)
             .per_sample_weights(weights)
@@ -509,7 +503,7 @@ fn sparse_bag_gradient_is_pytorchs() {
                 for j in 0..dim {
                     let g = go[b * dim + j];
                     want_val.push(match (mode, weights) {
-                        (BagGradMode::Mean, _) => g * (1.0f32 / size as f32),
+                        (BagMode::Mean, _) => g * (1.0f32 / size as f32),
                         (_, Some(w)) => g * w[p],
                         _ => g,
                     });
@@ -525,12 +519,12 @@ fn sparse_bag_gradient_is_pytorchs() {
 fn bag_gradient_errors() {
     let idx = [0i64, 1, 2, 3];
     let go = [1.0f32; 4];
-    let off = |o: &'static [i64]| BagLayout::Offsets {
+    let off = |o: &'static [i64]| Bags::Offsets {
         offsets: o,
         include_last_offset: false,
     };
     let kind = |r: Result<Vec<f32>, Error>| r.unwrap_err().kind();
-    let sum = BagGradMode::Sum;
+    let sum = BagMode::Sum;
     assert_eq!(
         kind(EmbeddingBagBackward::new(&idx, off(&[1, 2]), sum).dense(&go, 4, 2)),
         "bad_offsets"
@@ -543,7 +537,7 @@ fn bag_gradient_errors() {
         kind(EmbeddingBagBackward::new(&idx, off(&[0, 5]), sum).dense(&go, 4, 2)),
         "bad_offsets"
     );
-    let last = BagLayout::Offsets {
+    let last: Bags<'_, i64> = Bags::Offsets {
         offsets: &[],
         include_last_offset: true,
     };
@@ -557,16 +551,14 @@ fn bag_gradient_errors() {
         "shape_mismatch"
     );
     assert_eq!(
-        kind(
-            EmbeddingBagBackward::new(&idx, BagLayout::Fixed { bag_size: 3 }, sum).dense(&go, 4, 2)
-        ),
+        kind(EmbeddingBagBackward::new(&idx, Bags::fixed(3), sum).dense(&go, 4, 2)),
         "shape_mismatch"
     );
     // per_sample_weights: sum only, one per index.
     let w = [1.0f32; 4];
     assert_eq!(
         kind(
-            EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagGradMode::Mean)
+            EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagMode::Mean)
                 .per_sample_weights(Some(&w))
                 .dense(&go, 4, 2)
         ),
@@ -586,23 +578,30 @@ fn bag_gradient_errors() {
         "index_out_of_range"
     );
     let bad_max = [0i64, 9, 1, 1];
-    let e = EmbeddingBagBackward::new(
-        &idx,
-        off(&[0, 2]),
-        BagGradMode::Max {
-            max_indices: &bad_max,
-        },
-    )
-    .dense(&go, 4, 2)
-    .unwrap_err();
+    let e = EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagMode::Max)
+        .max_indices(Some(&bad_max))
+        .dense(&go, 4, 2)
+        .unwrap_err();
     assert!(e.to_string().contains("max_indices[0, 1] = 9"), "{e}");
+    // Max mode needs max_indices; the other modes refuse them.
+    assert_eq!(
+        kind(EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagMode::Max).dense(&go, 4, 2)),
+        "invalid_argument"
+    );
+    assert_eq!(
+        kind(
+            EmbeddingBagBackward::new(&idx, off(&[0, 2]), sum)
+                .max_indices(Some(&bad_max))
+                .dense(&go, 4, 2)
+        ),
+        "invalid_argument"
+    );
     // Sparse: max and scale_grad_by_freq are refused, as in PyTorch.
     let max = [0i64, 0, 2, 2];
-    assert!(
-        EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagGradMode::Max { max_indices: &max })
-            .sparse(&go, 4, 2)
-            .is_err()
-    );
+    assert!(EmbeddingBagBackward::new(&idx, off(&[0, 2]), BagMode::Max)
+        .max_indices(Some(&max))
+        .sparse(&go, 4, 2)
+        .is_err());
     assert!(EmbeddingBagBackward::new(&idx, off(&[0, 2]), sum)
         .scale_grad_by_freq(true)
         .sparse(&go, 4, 2)
@@ -638,11 +637,11 @@ fn results_are_bit_identical_across_thread_counts() {
         let co = bw.coalesced(&go, rows, dim).unwrap();
         let bag = EmbeddingBagBackward::new(
             &idx,
-            BagLayout::Offsets {
+            Bags::Offsets {
                 offsets: &offsets,
                 include_last_offset: false,
             },
-            BagGradMode::Mean,
+            BagMode::Mean,
         )
         .dense(&bag_go, rows, dim)
         .unwrap();
@@ -994,12 +993,12 @@ fn into_variants_reuse_buffers_and_match_fresh_results() {
         bw.sparse_into(&go, rows, dim, &mut sp).unwrap();
         assert_eq!(sp, bw.sparse(&go, rows, dim).unwrap());
         let offsets: Vec<i64> = (0..n / 4).map(|b| (b * 4) as i64).collect();
-        let layout = BagLayout::Offsets {
+        let layout = Bags::Offsets {
             offsets: &offsets,
             include_last_offset: false,
         };
         let bag_go = randn(offsets.len() * dim, &mut rng);
-        let bag = EmbeddingBagBackward::new(&idx, layout, BagGradMode::Mean);
+        let bag = EmbeddingBagBackward::new(&idx, layout, BagMode::Mean);
         bag.coalesced_into(&bag_go, rows, dim, &mut co).unwrap();
         assert_eq!(co, bag.coalesced(&bag_go, rows, dim).unwrap());
     }
@@ -1013,4 +1012,58 @@ fn into_variants_reuse_buffers_and_match_fresh_results() {
         .sparse_into(&[0.0; 32], 100, 16, &mut sp)
         .is_err());
     assert_eq!((co, sp), before);
+}
+
+#[test]
+fn bag_gradient_is_the_adjoint_of_the_bag_forward() {
+    // Sum and mean bags are linear in the table: out = A·W. The backward must be Aᵀ, so for
+    // any table W and upstream gradient G: <G, bag(W)> = <backward(G), W>. This ties the
+    // backward to the library's own forward (padding, weights, CSR offsets included).
+    use embedding_lookup::BagOptions;
+    let mut rng = Rng::new(71);
+    let (rows, dim) = (40usize, 7usize);
+    for include_last in [false, true] {
+        let c = bag_case(300, 25, rows, include_last, &mut rng);
+        let bags = Bags::Offsets {
+            offsets: &c.offsets[..],
+            include_last_offset: include_last,
+        };
+        let nbags = c.offsets.len() - usize::from(include_last);
+        let table = Table::randn(rows, dim, DType::F32, 72)
+            .unwrap()
+            .with_padding_idx(3)
+            .unwrap();
+        let w = table.as_slice::<f32>().unwrap();
+        let g = randn(nbags * dim, &mut rng);
+        let psw = randn(c.idx.len(), &mut rng);
+        for (mode, weights) in [
+            (BagMode::Sum, None),
+            (BagMode::Sum, Some(&psw[..])),
+            (BagMode::Mean, None),
+        ] {
+            let options = BagOptions {
+                per_sample_weights: weights,
+                ..BagOptions::mode(mode)
+            };
+            let out: Vec<f32> = table.bag(&c.idx, bags, &options).unwrap();
+            let grad = EmbeddingBagBackward::new(&c.idx, bags, mode)
+                .per_sample_weights(weights)
+                .padding_idx(Some(3))
+                .dense(&g, rows, dim)
+                .unwrap();
+            let dot = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum::<f64>()
+            };
+            let scale = g.iter().map(|v| v.abs() as f64).sum::<f64>() * 10.0;
+            let (lhs, rhs) = (dot(&g, &out), dot(&grad, w));
+            assert!(
+                (lhs - rhs).abs() <= 1e-5 * scale,
+                "{mode} weights {} last {include_last}: {lhs} vs {rhs}",
+                weights.is_some()
+            );
+        }
+    }
 }

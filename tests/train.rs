@@ -2,10 +2,12 @@
 //! sparse SGD and row-wise Adagrad converges, on owned tables, on f16/bf16 tables, and on a
 //! writable file map, which is left holding the trained table.
 
-use embedding_lookup::ops::grad::{BagGradMode, BagLayout, EmbeddingBagBackward};
+use embedding_lookup::ops::grad::EmbeddingBagBackward;
 use embedding_lookup::ops::optim::{Rounding, RowwiseAdagrad, Sgd};
 use embedding_lookup::util::Rng;
-use embedding_lookup::{CoalescedGrad, DType, OpenMode, OpenOptions, Table};
+use embedding_lookup::{
+    BagMode, BagOptions, Bags, CoalescedGrad, DType, OpenMode, OpenOptions, Table,
+};
 
 const ROWS: usize = 60;
 const DIM: usize = 8;
@@ -35,37 +37,27 @@ fn data() -> Data {
     Data { indices, targets }
 }
 
-/// The model: each sample's prediction is the mean of its bag's non-padding rows. Returns the
-/// loss `½ Σ ‖pred − target‖²` and its gradient with respect to the predictions.
+/// The model: each sample's prediction is the mean of its bag's non-padding rows (the
+/// library's bag forward, as `nn.EmbeddingBag(mode="mean", padding_idx=0)`). Returns the loss
+/// `½ Σ ‖pred − target‖²` and its gradient with respect to the predictions.
 fn forward(table: &Table<'_>, d: &Data) -> (f64, Vec<f32>) {
-    let rows: Vec<f32> = table.lookup(&d.indices).unwrap();
-    let mut grad = vec![0.0f32; SAMPLES * DIM];
-    let mut loss = 0.0f64;
-    for s in 0..SAMPLES {
-        let bag = &d.indices[s * BAG..(s + 1) * BAG];
-        let n = bag.iter().filter(|&&i| i != PADDING).count() as f32;
-        for j in 0..DIM {
-            let sum: f32 = (0..BAG)
-                .filter(|&e| bag[e] != PADDING)
-                .map(|e| rows[(s * BAG + e) * DIM + j])
-                .sum();
-            let err = sum / n - d.targets[s * DIM + j];
-            grad[s * DIM + j] = err;
-            loss += 0.5 * (err as f64) * (err as f64);
-        }
-    }
+    let pred: Vec<f32> = table
+        .bag(
+            &d.indices,
+            Bags::fixed(BAG),
+            &BagOptions::mode(BagMode::Mean),
+        )
+        .unwrap();
+    let grad: Vec<f32> = pred.iter().zip(&d.targets).map(|(p, t)| p - t).collect();
+    let loss = grad.iter().map(|&e| 0.5 * (e as f64) * (e as f64)).sum();
     (loss, grad)
 }
 
 fn backward(d: &Data, grad_out: &[f32]) -> CoalescedGrad {
-    EmbeddingBagBackward::new(
-        &d.indices,
-        BagLayout::Fixed { bag_size: BAG },
-        BagGradMode::Mean,
-    )
-    .padding_idx(Some(PADDING))
-    .coalesced(grad_out, ROWS, DIM)
-    .unwrap()
+    EmbeddingBagBackward::new(&d.indices, Bags::fixed(BAG), BagMode::Mean)
+        .padding_idx(Some(PADDING))
+        .coalesced(grad_out, ROWS, DIM)
+        .unwrap()
 }
 
 enum Opt {
@@ -191,7 +183,10 @@ fn training_a_writable_file_map_leaves_the_trained_table_in_the_file() {
         drop(mapped);
 
         // Reopened from disk, the file holds the trained table, bit for bit.
-        let reopened = Table::open(&path, None).unwrap();
+        let reopened = Table::open(&path, None)
+            .unwrap()
+            .with_padding_idx(PADDING)
+            .unwrap();
         assert_eq!(reopened.as_bytes(), owned.as_bytes(), "{dtype}");
         assert_eq!(forward(&reopened, &d).0, *mem_losses.last().unwrap());
     }

@@ -8,8 +8,10 @@
 //! Setting `EMBEDDING_LOOKUP_ISA=scalar|portable|avx2|avx512|neon` forces a lower level (never
 //! one the CPU lacks), which is how the fallbacks are tested on a machine that has AVX-512.
 
+pub mod bag;
 pub mod gather;
 pub mod grad;
+pub mod renorm;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

@@ -64,6 +64,7 @@ use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::grad::GradKernels;
 use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
+use crate::ops::bag::{BagMode, Bags};
 use crate::parallel;
 use crate::table::Table;
 
@@ -469,74 +470,42 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
 // ---------------------------------------------------------------------------------------------
 // Bag backward
 
-/// How the flat index list is cut into bags.
-#[derive(Clone, Copy, Debug)]
-pub enum BagLayout<'a> {
-    /// 1-D indices with PyTorch's `offsets`: bag `b` starts at `offsets[b]` (the first offset
-    /// must be 0, offsets non-decreasing and at most `indices.len()`). Without
-    /// `include_last_offset` the last bag runs to the end of the indices; with it there are
-    /// `offsets.len() - 1` bags, bag `b` ending at `offsets[b + 1]`, and entries after the
-    /// last offset belong to no bag (they get no gradient, as they get no output).
-    Offsets {
-        /// Start of each bag.
-        offsets: &'a [i64],
-        /// Whether the last offset closes the last bag.
-        include_last_offset: bool,
-    },
-    /// 2-D indices `(bags, bag_size)`: every bag has `bag_size` entries. With `bag_size == 0`
-    /// the number of bags is taken from `grad_output`.
-    Fixed {
-        /// Entries per bag.
-        bag_size: usize,
-    },
-}
-
-/// The reduction the bag forward used, with what its backward needs.
-#[derive(Clone, Copy, Debug)]
-pub enum BagGradMode<'a> {
-    /// `mode="sum"`.
-    Sum,
-    /// `mode="mean"`: each entry's share is divided by its bag's non-padding count.
-    Mean,
-    /// `mode="max"`: `max_indices` (`bags × dim`, row-major) holds, for each bag and column,
-    /// the table row whose value won, as PyTorch's forward returns it. Entries of bags without
-    /// non-padding entries are ignored (PyTorch leaves them 0).
-    Max {
-        /// The winning table row per (bag, column).
-        max_indices: &'a [i64],
-    },
-}
-
-/// The backward pass of a bag reduction (`F.embedding_bag`), with the bag structure given
-/// explicitly.
+/// The backward pass of a bag reduction (`F.embedding_bag`, [`Table::bag`]), with the bag
+/// structure given explicitly: the same [`Bags`] and [`BagMode`] as the forward, and for max
+/// mode the forward's `max_indices`.
 ///
-/// `grad_output` is the gradient of the bag outputs, `bags × dim`. `scale_grad_by_freq`
-/// divides each contribution by its index's count in the whole batch (ignored in max mode,
-/// as PyTorch ignores it there). PyTorch's CPU kernel for sum/mean bags divides by the count
-/// of a *neighbouring* index in sorted order (`counts[indices_data[i]]`, `i` counting distinct
-/// indices); this crate divides by the index's own count, as the CUDA kernel and the
-/// documentation do.
+/// `grad_output` is the gradient of the bag outputs, `bags × dim`. Entries after the last bag
+/// (with `include_last_offset`) belong to no bag and get no gradient, as they get no output.
+/// `scale_grad_by_freq` divides each contribution by its index's count in the whole batch
+/// (ignored in max mode, as PyTorch ignores it there). PyTorch's CPU kernel for sum/mean bags
+/// divides by the count of a *neighbouring* index in sorted order (`counts[indices_data[i]]`,
+/// `i` counting distinct indices); this crate divides by the index's own count, as the CUDA
+/// kernel and the documentation do.
 ///
 /// ```
-/// use embedding_lookup::ops::grad::{BagGradMode, BagLayout, EmbeddingBagBackward};
+/// use embedding_lookup::ops::grad::EmbeddingBagBackward;
+/// use embedding_lookup::{BagMode, Bags};
 ///
 /// // Two bags of a 4 × 1 table: [0, 2] and [2, 3, 3]; mean mode.
 /// let indices = [0i64, 2, 2, 3, 3];
 /// let offsets = [0i64, 2];
-/// let layout = BagLayout::Offsets { offsets: &offsets, include_last_offset: false };
-/// let bw = EmbeddingBagBackward::new(&indices, layout, BagGradMode::Mean);
+/// let bw = EmbeddingBagBackward::new(&indices, Bags::offsets(&offsets), BagMode::Mean);
 /// let g = bw.dense(&[6.0, 3.0], 4, 1)?; // bag 0 gets 6, bag 1 gets 3
 /// assert_eq!(g, [3.0, 0.0, 3.0 + 1.0, 2.0]);
 /// # Ok::<(), embedding_lookup::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug)]
-pub struct EmbeddingBagBackward<'a, I> {
+pub struct EmbeddingBagBackward<'a, I, F: Index = i64> {
     /// The flat indices of all bags.
     pub indices: &'a [I],
     /// How they are cut into bags.
-    pub layout: BagLayout<'a>,
+    pub bags: Bags<'a, F>,
     /// The forward's reduction.
-    pub mode: BagGradMode<'a>,
+    pub mode: BagMode,
+    /// Max mode: for each bag and column (`bags × dim`, row-major), the table row whose value
+    /// won, as PyTorch's forward returns it. Entries of bags without non-padding entries are
+    /// ignored (PyTorch leaves them 0). Required in max mode, refused in the others.
+    pub max_indices: Option<&'a [i64]>,
     /// One weight per index (sum mode only).
     pub per_sample_weights: Option<&'a [f32]>,
     /// Entries with this index contribute nothing and do not count towards a bag's size.
@@ -546,28 +515,37 @@ pub struct EmbeddingBagBackward<'a, I> {
 }
 
 /// The validated bag structure.
-struct Bags {
+struct BagPlan<'a> {
     /// Bag of each entry (`u32::MAX` for entries in no bag).
     bag_of: Vec<u32>,
     /// Non-padding entries per bag.
     sizes: Vec<u32>,
+    /// The forward's winners, checked (max mode only).
+    max_indices: Option<&'a [i64]>,
     /// The normalised padding row.
     padding: Option<usize>,
 }
 
 const NO_BAG: u32 = u32::MAX;
 
-impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
-    /// No per-sample weights, no padding, no frequency scaling.
-    pub fn new(indices: &'a [I], layout: BagLayout<'a>, mode: BagGradMode<'a>) -> Self {
+impl<'a, I: Index, F: Index> EmbeddingBagBackward<'a, I, F> {
+    /// No max indices, no per-sample weights, no padding, no frequency scaling.
+    pub fn new(indices: &'a [I], bags: Bags<'a, F>, mode: BagMode) -> Self {
         EmbeddingBagBackward {
             indices,
-            layout,
+            bags,
             mode,
+            max_indices: None,
             per_sample_weights: None,
             padding_idx: None,
             scale_grad_by_freq: false,
         }
+    }
+
+    /// Set the forward's `max_indices` (max mode).
+    pub fn max_indices(mut self, max_indices: Option<&'a [i64]>) -> Self {
+        self.max_indices = max_indices;
+        self
     }
 
     /// Set the per-sample weights.
@@ -608,7 +586,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         let bags = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
         let k = GradKernels::detect();
-        if let BagGradMode::Max { .. } = self.mode {
+        if self.mode == BagMode::Max {
             return self.with_plan(
                 &bags,
                 grad_output,
@@ -651,12 +629,12 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
 
     /// An entry's weight, computed in f64 and rounded once, as PyTorch does: per-sample
     /// weight, / its index's count (when scaling by frequency), / its bag's size (mean).
-    fn weight(&self, bags: &Bags, p: usize, bag: u32, count: Option<u32>) -> f32 {
+    fn weight(&self, bags: &BagPlan<'_>, p: usize, bag: u32, count: Option<u32>) -> f32 {
         let mut w = self.per_sample_weights.map_or(1.0, |w| w[p] as f64);
         if let Some(c) = count {
             w /= c as f64;
         }
-        if matches!(self.mode, BagGradMode::Mean) {
+        if self.mode == BagMode::Mean {
             w /= bags.sizes[bag as usize] as f64;
         }
         w as f32
@@ -697,7 +675,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
     /// per-sample weight (sum) or times `1 / bag size` (mean). Max mode and
     /// `scale_grad_by_freq` are refused, as in PyTorch.
     pub fn sparse(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<SparseGrad> {
-        if matches!(self.mode, BagGradMode::Max { .. }) {
+        if self.mode == BagMode::Max {
             return Err(Error::InvalidArgument(
                 "max mode does not support sparse gradients (as in PyTorch); use the dense or \
                  coalesced gradient"
@@ -723,7 +701,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
             let g = &grad_output[b as usize * dim..(b as usize + 1) * dim];
             // PyTorch: grad[offset2bag] * (1 / bag_size) for mean, * per_sample_weights for sum.
             let factor = match (self.mode, self.per_sample_weights) {
-                (BagGradMode::Mean, _) => Some(1.0f32 / bags.sizes[b as usize] as f32),
+                (BagMode::Mean, _) => Some(1.0f32 / bags.sizes[b as usize] as f32),
                 (_, Some(w)) => Some(w[p]),
                 _ => None,
             };
@@ -744,7 +722,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
     /// Group the contributions by row and hand them to `write`.
     fn with_plan<T>(
         &self,
-        bags: &Bags,
+        bags: &BagPlan<'_>,
         grad_output: &[f32],
         rows: usize,
         dim: usize,
@@ -752,7 +730,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
         write: impl FnOnce(&Groups, &Source<'_>) -> T,
     ) -> Result<T> {
         let indices = self.indices;
-        if let BagGradMode::Max { max_indices } = self.mode {
+        if let Some(max_indices) = bags.max_indices {
             // Contributions are single elements: (bag, column) -> the winning row.
             let n = bags.sizes.len() * dim;
             let groups = Groups::build(n, rows, form, |f| {
@@ -793,7 +771,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
     }
 
     /// Validate everything; work out each entry's bag and each bag's non-padding size.
-    fn check(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<Bags> {
+    fn check(&self, grad_output: &[f32], rows: usize, dim: usize) -> Result<BagPlan<'a>> {
         let n = self.indices.len();
         if n > u32::MAX as usize {
             return Err(too_many(n));
@@ -804,7 +782,7 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
             .transpose()?;
         index::validate(self.indices, rows)?;
         if let Some(w) = self.per_sample_weights {
-            if !matches!(self.mode, BagGradMode::Sum) {
+            if self.mode != BagMode::Sum {
                 return Err(Error::PerSampleWeights(
                     "per_sample_weights are only supported with mode='sum'".into(),
                 ));
@@ -816,43 +794,19 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
                 )));
             }
         }
-        let mut bag_of = vec![NO_BAG; n];
-        let num_bags = match self.layout {
-            BagLayout::Fixed { bag_size } => {
-                if bag_size == 0 {
-                    if n > 0 {
-                        return Err(Error::ShapeMismatch(format!(
-                            "{n} indices cannot form bags of 0"
-                        )));
-                    }
-                    // (bags, 0) indices: the bag count comes from grad_output.
-                    grad_output.len().checked_div(dim).unwrap_or(0)
-                } else {
-                    if !n.is_multiple_of(bag_size) {
-                        return Err(Error::ShapeMismatch(format!(
-                            "{n} indices cannot form bags of {bag_size}"
-                        )));
-                    }
-                    for (b, bag) in bag_of.chunks_mut(bag_size).enumerate() {
-                        bag.fill(b as u32);
-                    }
-                    n / bag_size
-                }
-            }
-            BagLayout::Offsets {
-                offsets,
-                include_last_offset,
-            } => {
-                check_offsets(offsets, n, include_last_offset)?;
-                let bags = offsets.len() - usize::from(include_last_offset);
-                for b in 0..bags {
-                    let start = offsets[b] as usize;
-                    let end = offsets.get(b + 1).map_or(n, |&e| e as usize);
-                    bag_of[start..end].fill(b as u32);
-                }
-                bags
+        // The forward's rules (offsets, 2-D shape), then each entry's bag.
+        let num_bags = self.bags.count(n)?;
+        let start = |b: usize| match self.bags {
+            Bags::Fixed(per_bag) => b * per_bag,
+            // Checked by count(): 0 <= offset <= n.
+            Bags::Offsets { offsets, .. } => {
+                offsets.get(b).map_or(n, |o| o.as_wrapped_u64() as usize)
             }
         };
+        let mut bag_of = vec![NO_BAG; n];
+        for b in 0..num_bags {
+            bag_of[start(b)..start(b + 1)].fill(b as u32);
+        }
         if num_bags >= u32::MAX as usize {
             return Err(too_many(num_bags));
         }
@@ -864,7 +818,22 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
                 sizes[b as usize] += 1;
             }
         }
-        if let BagGradMode::Max { max_indices } = self.mode {
+        let max_indices = match (self.mode, self.max_indices) {
+            (BagMode::Max, None) => {
+                return Err(Error::InvalidArgument(
+                    "max mode needs the forward's max_indices".into(),
+                ))
+            }
+            (BagMode::Max, Some(m)) => Some(m),
+            (_, Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "max_indices are for max mode, not {}",
+                    self.mode
+                )))
+            }
+            (_, None) => None,
+        };
+        if let Some(max_indices) = max_indices {
             check_grad_output("max_indices (bags × dim)", max_indices.len(), num_bags, dim)?;
             if num_bags.saturating_mul(dim) > u32::MAX as usize {
                 return Err(too_many(num_bags * dim));
@@ -879,44 +848,13 @@ impl<'a, I: Index> EmbeddingBagBackward<'a, I> {
                 }
             }
         }
-        Ok(Bags {
+        Ok(BagPlan {
             bag_of,
             sizes,
+            max_indices,
             padding,
         })
     }
-}
-
-/// PyTorch's offset rules: `offsets[0] == 0`, non-decreasing, last at most `n`.
-fn check_offsets(offsets: &[i64], n: usize, include_last_offset: bool) -> Result<()> {
-    if include_last_offset && offsets.is_empty() {
-        return Err(Error::BadOffsets(
-            "include_last_offset needs at least one offset".into(),
-        ));
-    }
-    if let Some(&first) = offsets.first() {
-        if first != 0 {
-            return Err(Error::BadOffsets(format!(
-                "offsets[0] must be 0 (the first bag starts at the first index), got {first}"
-            )));
-        }
-    }
-    if let Some(k) = offsets.windows(2).position(|w| w[1] < w[0]) {
-        return Err(Error::BadOffsets(format!(
-            "offsets must be non-decreasing: offsets[{}] = {} is below offsets[{k}] = {}",
-            k + 1,
-            offsets[k + 1],
-            offsets[k]
-        )));
-    }
-    if let Some(&last) = offsets.last() {
-        if last as u64 > n as u64 {
-            return Err(Error::BadOffsets(format!(
-                "the last offset {last} is beyond the {n} indices"
-            )));
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

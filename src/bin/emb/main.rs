@@ -1,5 +1,6 @@
 //! `emb`: embedding lookups on tensor files from the command line.
 
+mod bag;
 mod bench;
 mod conformance;
 mod convert;
@@ -35,6 +36,8 @@ enum Command {
     Info(info::Args),
     /// Look up indices in a table and write the rows to a file.
     Lookup(lookup::Args),
+    /// Pool the rows of bags of indices (sum, mean, max), as torch.nn.EmbeddingBag.
+    Bag(bag::Args),
     /// Convert a table to another dtype, streaming.
     Convert(convert::Args),
     /// Run PyTorch golden cases through the library and compare.
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Lookup(a) => lookup::run(a, cli.verbose),
+        Command::Bag(a) => bag::run(a, cli.verbose),
         Command::Convert(a) => convert::run(a, cli.verbose),
         Command::Conformance(a) => conformance::run(a, cli.verbose),
         Command::Demo(a) => demo::run(a, cli.verbose),

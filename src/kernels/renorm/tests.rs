@@ -1,0 +1,340 @@
+//! Every renorm kernel against the scalar reference, bit for bit: all three dtypes, widths
+//! 0..=65 (every vector boundary of 8 and 16 lanes crossed), p = 1, 2, 3.5, ∞, output as the
+//! table's dtype, widened to f32 or absent, in place or not, duplicate rows across blocks,
+//! special values (NaN, ±∞, subnormals, -0).
+
+use half::{bf16, f16};
+
+use super::*;
+use crate::util::Rng;
+
+const MAX_DIM: usize = 2 * 32 + 1;
+const ROWS: usize = 9;
+
+/// A table whose rows have norms on both sides of 1: row `r` is normal noise times a factor
+/// from 0 to 2; rows 7 and 8 carry special values.
+fn table<T: Element>(dim: usize, rng: &mut Rng) -> Vec<T> {
+    let mut v: Vec<T> = (0..ROWS * dim)
+        .map(|i| {
+            let factor = [0.0, 0.05, 0.2, 0.5, 1.0, 2.0, 0.3, 1.0, 1.0][i / dim.max(1)];
+            T::from_f32(rng.normal() * factor)
+        })
+        .collect();
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        1e-40,
+        -3e-39,
+        6e-8,
+    ];
+    if dim > 0 {
+        // Row 7: one special value; row 8: subnormals and -0 only.
+        v[7 * dim + (dim / 2)] = T::from_f32(specials[dim % 3]);
+        for j in 0..dim {
+            v[8 * dim + j] = T::from_f32(specials[3 + j % 4]);
+        }
+    }
+    v
+}
+
+fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+/// What one kernel run does.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    norm: NormKind,
+    write_back: bool,
+    /// None: no output; Some(true): f32 output; Some(false): the table's dtype.
+    out_kind: Option<bool>,
+    max_norm: f64,
+    copy_only: bool,
+}
+
+/// Run one kernel over `rows` with a fresh copy of `table`; return (table after, output).
+fn run<T: Element>(
+    kernel: RenormRowsFn,
+    table: &[T],
+    dim: usize,
+    rows: &[usize],
+    count: usize,
+    setup: Setup,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut t = table.to_vec();
+    let out_size = match setup.out_kind {
+        Some(true) => 4,
+        _ => std::mem::size_of::<T>(),
+    };
+    // Slots in reverse order, to show that output rows need not be consecutive.
+    let flag = if setup.copy_only { COPY_SLOT } else { 0 };
+    let slots: Vec<usize> = (0..count).rev().map(|s| s | flag).collect();
+    let out_len = count * dim * out_size;
+    // f32-aligned storage for the output bytes, filled with a pattern no kernel writes.
+    let mut out_words = vec![0xA5A5_A5A5u32; out_len.div_ceil(4)];
+    let job = RenormJob {
+        table: t.as_mut_ptr() as *mut u8,
+        dim,
+        write_back: setup.write_back,
+        out: match setup.out_kind {
+            None => std::ptr::null_mut(),
+            Some(_) => out_words.as_mut_ptr() as *mut u8,
+        },
+        out_f32: setup.out_kind == Some(true),
+        norm: setup.norm,
+        max_norm: setup.max_norm,
+    };
+    if setup.write_back {
+        // In place, rows must be distinct within a call.
+        let mut seen = rows[..count].to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), count);
+    }
+    // SAFETY: rows below ROWS, slots distinct and inside `out_words`, one thread.
+    unsafe { kernel(&job, rows, &slots, count) };
+    let out = match setup.out_kind {
+        Some(_) => bytemuck::cast_slice::<u32, u8>(&out_words)[..out_len].to_vec(),
+        None => Vec::new(),
+    };
+    (bytes_of(&t), out)
+}
+
+fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
+    let mut rng = Rng::new(7);
+    let reference = RenormKernels::for_isa(Isa::Scalar).unwrap();
+    for isa in Isa::all_available() {
+        let k = RenormKernels::for_isa(isa).unwrap();
+        for dim in 0..=MAX_DIM {
+            let table = table::<T>(dim, &mut rng);
+            // Duplicates allowed out of place; a permutation (plus lookahead) in place.
+            let dup_rows: Vec<usize> = (0..ROWS * 2 + DEFAULT_PREFETCH_DISTANCE)
+                .map(|_| rng.below(ROWS as u64) as usize)
+                .collect();
+            let mut perm: Vec<usize> = (0..ROWS).rev().collect();
+            perm.extend(std::iter::repeat_n(0, DEFAULT_PREFETCH_DISTANCE));
+            for norm in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
+                for out_kind in [None, Some(false), Some(true)] {
+                    for (write_back, copy_only, rows, count) in [
+                        (false, false, &dup_rows, ROWS * 2),
+                        (true, false, &perm, ROWS),
+                        (false, false, &perm, 0),
+                        (false, true, &dup_rows, ROWS * 2),
+                    ] {
+                        if copy_only && out_kind.is_none() {
+                            continue; // a copy needs an output
+                        }
+                        let setup = Setup {
+                            norm,
+                            write_back,
+                            out_kind,
+                            max_norm: 1.0,
+                            copy_only,
+                        };
+                        let want = run(pick(&reference), &table, dim, rows, count, setup);
+                        let got = run(pick(&k), &table, dim, rows, count, setup);
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} {:?}, dim {dim}, {setup:?}",
+                            k.name(),
+                            T::DTYPE
+                        );
+                        if !write_back {
+                            assert_eq!(got.0, bytes_of(&table), "table written out of place");
+                        }
+                        if copy_only && out_kind.is_some() {
+                            // A copy is the gather: the rows as they are, or widened.
+                            let plain: Vec<u8> = rows[..count]
+                                .iter()
+                                .rev()
+                                .flat_map(|&r| {
+                                    let row = &table[r * dim..(r + 1) * dim];
+                                    if out_kind == Some(true) {
+                                        let w: Vec<f32> = row.iter().map(|x| x.to_f32()).collect();
+                                        bytes_of(&w)
+                                    } else {
+                                        bytes_of(row)
+                                    }
+                                })
+                                .collect();
+                            assert_eq!(got.1, plain, "{} copy only, dim {dim}", k.name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rounding ties: a scale of 0.75 makes `x * scale = 3x/4`, which lies exactly halfway
+/// between two neighbours of the dtype for a quarter of all `x` (those whose last significand
+/// bits are `10`), so the kernels' round-to-nearest-even is checked on exact ties, not only
+/// on random products where ties are rare.
+fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
+    let mut rng = Rng::new(11);
+    let reference = RenormKernels::for_isa(Isa::Scalar).unwrap();
+    let scale = 0.75;
+    let mut changed = 0;
+    for dim in 1..=MAX_DIM {
+        let row: Vec<T> = (0..dim)
+            .map(|j| match j % 3 {
+                0 => T::from_f32(2f32.powi((j % 7) as i32 - 3)),
+                1 => T::from_f32(-(2f32.powi(-((j % 5) as i32)))),
+                _ => T::from_f32(rng.normal()),
+            })
+            .collect();
+        let norm = scalar::norm(&row, NormKind::L2);
+        let rounded = T::from_f32(norm).to_f32() as f64;
+        let max_norm = scale * (rounded + 1e-7);
+        assert_eq!(
+            row_scale::<T>(norm, max_norm),
+            Some(scale as f32),
+            "dim {dim}"
+        );
+        let rows: Vec<usize> = std::iter::repeat_n(0, 1 + DEFAULT_PREFETCH_DISTANCE).collect();
+        for isa in Isa::all_available() {
+            let k = RenormKernels::for_isa(isa).unwrap();
+            for out_kind in [None, Some(false), Some(true)] {
+                let setup = Setup {
+                    norm: NormKind::L2,
+                    write_back: true,
+                    out_kind,
+                    max_norm,
+                    copy_only: false,
+                };
+                let want = run(pick(&reference), &row, dim, &rows, 1, setup);
+                let got = run(pick(&k), &row, dim, &rows, 1, setup);
+                assert_eq!(got, want, "{} {:?} ties, dim {dim}", k.name(), T::DTYPE);
+                changed += usize::from(got.0 != bytes_of(&row));
+            }
+        }
+    }
+    assert!(changed > 0, "no row was rescaled");
+}
+
+#[test]
+fn f16_and_bf16_ties_round_to_even_like_the_reference() {
+    check_ties::<f16>(|k| k.f16);
+    check_ties::<bf16>(|k| k.bf16);
+}
+
+#[test]
+fn f32_kernels_match_scalar() {
+    check_dtype::<f32>(|k| k.f32);
+}
+
+#[test]
+fn f16_kernels_match_scalar() {
+    check_dtype::<f16>(|k| k.f16);
+}
+
+#[test]
+fn bf16_kernels_match_scalar() {
+    check_dtype::<bf16>(|k| k.bf16);
+}
+
+#[test]
+fn scalar_reference_is_the_plain_definition() {
+    // ||(3, -4)||: 7, 5, 4; the general p agrees with p = 2 and with a direct formula.
+    let row = [3.0f32, -4.0];
+    assert_eq!(scalar::norm(&row, NormKind::L1), 7.0);
+    assert_eq!(scalar::norm(&row, NormKind::L2), 5.0);
+    assert_eq!(scalar::norm(&row, NormKind::Inf), 4.0);
+    assert!((scalar::norm(&row, NormKind::P(2.0)) - 5.0).abs() < 1e-6);
+    let p = 3.5f32;
+    let direct = (3f32.powf(p) + 4f32.powf(p)).powf(1.0 / p);
+    assert!((scalar::norm(&row, NormKind::P(p)) - direct).abs() <= 1e-6 * direct);
+    // NaN propagates through every norm; p = ∞ of an all-zero row is 0.
+    for kind in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
+        assert!(
+            scalar::norm(&[1.0f32, f32::NAN, 9.0], kind).is_nan(),
+            "{kind:?}"
+        );
+    }
+    assert_eq!(scalar::norm(&[0.0f32; 5], NormKind::Inf), 0.0);
+
+    // Strictly greater: a norm equal to max_norm is left alone.
+    assert_eq!(row_scale::<f32>(5.0, 5.0), None);
+    assert_eq!(row_scale::<f32>(f32::NAN, 5.0), None);
+    assert_eq!(
+        row_scale::<f32>(5.0, 1.0),
+        Some((1.0f64 / (5.0 + 1e-7)) as f32)
+    );
+    // f16: the norm is rounded to f16 first (1.00049 rounds to 1.0, not above 1.0).
+    assert_eq!(row_scale::<f16>(1.000_2, 1.0), None);
+    assert!(row_scale::<f32>(1.000_2, 1.0).is_some());
+    // An infinite norm scales by zero.
+    assert_eq!(row_scale::<f32>(f32::INFINITY, 1.0), Some(0.0));
+
+    // The reference kernel on a (2, 2) table: row 1 = (3, 4) is scaled to norm ~1, row 0 kept.
+    let mut t = [0.5f32, 0.5, 3.0, 4.0];
+    let mut out = [0.0f32; 4];
+    let job = RenormJob {
+        table: t.as_mut_ptr() as *mut u8,
+        dim: 2,
+        write_back: true,
+        out: out.as_mut_ptr() as *mut u8,
+        out_f32: true,
+        norm: NormKind::L2,
+        max_norm: 1.0,
+    };
+    // SAFETY: rows 1 and 0 of a 2-row table, distinct; slots 0 and 1 inside `out`.
+    unsafe { scalar::renorm_rows::<f32>(&job, &[1, 0], &[0, 1], 2) };
+    let s = (1.0f64 / (5.0 + 1e-7)) as f32;
+    assert_eq!(out, [3.0 * s, 4.0 * s, 0.5, 0.5]);
+    assert_eq!(t, [0.5, 0.5, 3.0 * s, 4.0 * s]);
+}
+
+#[test]
+fn reduce16_is_the_documented_tree() {
+    let v: [f32; 16] = std::array::from_fn(|i| (i as f32 + 1.0) * 0.1);
+    let mut s8 = [0.0f32; 8];
+    for l in 0..8 {
+        s8[l] = v[l] + v[l + 8];
+    }
+    let s4: [f32; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    assert_eq!(reduce16(v).to_bits(), (s2[0] + s2[1]).to_bits());
+}
+
+/// In place, a copy entry after its row's renorm entry reads the renormed row: the output of
+/// the copy equals the output of the renorm, on every level and dtype.
+#[test]
+fn copies_after_renorm_in_place_see_the_rescaled_row() {
+    fn check<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
+        let mut rng = Rng::new(3);
+        for isa in Isa::all_available() {
+            let k = RenormKernels::for_isa(isa).unwrap();
+            for dim in [1, 7, 16, 33, 64] {
+                let mut table = table::<T>(dim, &mut rng);
+                let rows = [5usize, 4, 5, 4, 5, 0, 0, 0];
+                let slots = [0, 1, 2 | COPY_SLOT, 3 | COPY_SLOT, 4 | COPY_SLOT];
+                let mut out = vec![0.0f32; 5 * dim];
+                let job = RenormJob {
+                    table: table.as_mut_ptr() as *mut u8,
+                    dim,
+                    write_back: true,
+                    out: out.as_mut_ptr() as *mut u8,
+                    out_f32: true,
+                    norm: NormKind::L2,
+                    max_norm: 0.5,
+                };
+                // SAFETY: rows below ROWS; renorm entries (rows 5, 4) distinct; copies after
+                // them; slots 0..5 inside `out`; one thread.
+                unsafe { pick(&k)(&job, &rows, &slots, 5) };
+                let row = |s: usize| &out[s * dim..(s + 1) * dim];
+                assert_eq!(row(2), row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
+                assert_eq!(row(4), row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
+                assert_eq!(row(3), row(1), "{} {:?} dim {dim}", k.name(), T::DTYPE);
+                let stored: Vec<f32> = table[5 * dim..6 * dim].iter().map(|x| x.to_f32()).collect();
+                assert_eq!(&stored[..], row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
+            }
+        }
+    }
+    check::<f32>(|k| k.f32);
+    check::<f16>(|k| k.f16);
+    check::<bf16>(|k| k.bf16);
+}
