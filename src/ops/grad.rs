@@ -19,15 +19,18 @@
 //!
 //! # How it runs
 //! Validate everything first; then
-//! - **dense** (lookups; sum and mean bags): split the table's rows across rayon's threads;
-//!   each thread zeroes its rows and walks the positions in order, adding (SIMD
-//!   `scatter_add`) those that fall in its rows. The gradient rows are read in order; nothing
-//!   is sorted, and nothing is allocated but the per-row counts of `scale_grad_by_freq`.
-//! - **coalesced**: group the positions by row (a counting sort split by row range across
-//!   threads, or a radix sort of `(row, position)` keys when the table is much larger than the
-//!   batch), then reduce each row's contributions in registers and write the row once (SIMD
-//!   `reduce_segments`), segments split across threads. Max bags group their
-//!   `(bag, column)` entries by winning row the same way, dense or coalesced.
+//! - **grouped** (coalesced gradients, and dense ones large enough to split across threads):
+//!   group the positions by row (a counting sort split by row range across threads, or a
+//!   radix sort of `(row, position)` keys when the table is much larger than the batch), then
+//!   reduce each row's contributions in registers and write the row once (SIMD
+//!   `reduce_segments`; for a dense gradient every row is a segment, empty ones written as
+//!   zeros), rows split across threads. Max bags group their `(bag, column)` entries by
+//!   winning row the same way.
+//! - **scatter** (dense gradients on one thread, lookups and sum/mean bags): zero the
+//!   gradient, then add each position's contribution to its row in position order (SIMD
+//!   `scatter_add`): the gradient rows are read in order, nothing is sorted. On one thread this
+//!   is the faster of the two; split across threads (every thread would have to walk every
+//!   position) it is the slower, so it is used only serially.
 //!
 //! No atomics and no float races: every row is written by one thread and sees its
 //! contributions in position order, as `fma(w₁, g₁, fma(w₀, g₀, 0)) …` — which is how PyTorch's
@@ -347,25 +350,35 @@ impl<'a, I: Index> EmbeddingBackward<'a, I> {
     ) -> Result<()> {
         let padding = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
+        let k = GradKernels::detect();
         let indices = self.indices;
-        let counts = self.scale_grad_by_freq.then(|| {
-            row_counts(indices.len(), rows, |p| {
-                Some(indices[p].as_wrapped_u64() as usize)
-            })
-        });
+        let row_of = |p: usize| {
+            let r = indices[p].as_wrapped_u64() as usize;
+            (Some(r) != padding).then_some(r)
+        };
+        if runs_in_parallel(rows, indices.len(), dim) {
+            let groups = Groups::build(indices.len(), rows, Form::PerRow, row_of)?;
+            let weights = groups.weights(self.scale_grad_by_freq);
+            let source = Source::Rows {
+                src: grad_output,
+                items: &groups.order,
+                weights: &weights,
+            };
+            write_dense(&k, &groups, &source, rows, dim, grad_weight);
+            return Ok(());
+        }
+        let counts = self
+            .scale_grad_by_freq
+            .then(|| row_counts(indices.len(), rows, row_of));
         scatter_dense(
-            &GradKernels::detect(),
+            &k,
             indices.len(),
-            &|p| {
-                let r = indices[p].as_wrapped_u64() as usize;
-                if Some(r) == padding {
-                    return None;
-                }
+            |p| {
+                let r = row_of(p)?;
                 let w = counts.as_ref().map_or(1.0, |c| (1.0 / c[r] as f64) as f32);
                 Some((r, p as u32, w))
             },
             grad_output,
-            rows,
             dim,
             grad_weight,
         );
@@ -586,7 +599,7 @@ impl<'a, I: Index, F: Index> EmbeddingBagBackward<'a, I, F> {
         let bags = self.check(grad_output, rows, dim)?;
         check_grad_weight(rows, dim, grad_weight.len())?;
         let k = GradKernels::detect();
-        if self.mode == BagMode::Max {
+        if self.mode == BagMode::Max || runs_in_parallel(rows, self.indices.len(), dim) {
             return self.with_plan(
                 &bags,
                 grad_output,
@@ -596,23 +609,21 @@ impl<'a, I: Index, F: Index> EmbeddingBagBackward<'a, I, F> {
                 |groups, source| write_dense(&k, groups, source, rows, dim, grad_weight),
             );
         }
-        // Sum and mean: every entry adds its bag's gradient row, weighted, to its row.
+        // Sum and mean on one thread: every entry adds its bag's gradient row, weighted.
         let indices = self.indices;
-        let counts = self.scale_grad_by_freq.then(|| {
-            row_counts(indices.len(), rows, |p| {
-                let r = indices[p].as_wrapped_u64() as usize;
-                (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
-            })
-        });
+        let row_of = |p: usize| {
+            let r = indices[p].as_wrapped_u64() as usize;
+            (Some(r) != bags.padding && bags.bag_of[p] != NO_BAG).then_some(r)
+        };
+        let counts = self
+            .scale_grad_by_freq
+            .then(|| row_counts(indices.len(), rows, row_of));
         scatter_dense(
             &k,
             indices.len(),
-            &|p| {
-                let r = indices[p].as_wrapped_u64() as usize;
+            |p| {
+                let r = row_of(p)?;
                 let bag = bags.bag_of[p];
-                if Some(r) == bags.padding || bag == NO_BAG {
-                    return None;
-                }
                 Some((
                     r,
                     bag,
@@ -620,7 +631,6 @@ impl<'a, I: Index, F: Index> EmbeddingBagBackward<'a, I, F> {
                 ))
             },
             grad_output,
-            rows,
             dim,
             grad_weight,
         );
@@ -1242,93 +1252,31 @@ fn row_counts(n: usize, rows: usize, row_of: impl Fn(usize) -> Option<usize>) ->
     counts
 }
 
-/// The dense gradient by scatter-adding. The table's rows are cut into ranges, a few per
-/// thread; the positions are partitioned by range (a stable, parallel counting pass, so each
-/// range's positions stay ascending); then each range is a task: zero its rows and add its
-/// positions' contributions in order. Every row sees its contributions in position order,
-/// whatever the split; no sort by row, no shared writes, and the gradient rows are read in
-/// order. `contribution(p)` is `(table row, source row of src, weight)`, or `None` for a
-/// skipped position.
+/// Whether a dense gradient of `rows × dim` from `n` contributions is split across threads.
+/// Split, it is computed by grouping (a counting sort by row, then one `reduce_segments` per
+/// row, rows split across threads); on one thread, by scatter-adding in position order, which
+/// needs no sort. Both add each row's contributions in position order: the same bits.
+fn runs_in_parallel(rows: usize, n: usize, dim: usize) -> bool {
+    dim > 0 && parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)).is_some()
+}
+
+/// The dense gradient on one thread, by scatter-adding: zero the gradient, then add every
+/// position's contribution to its row, in position order (SIMD `scatter_add`). The gradient
+/// rows are read in order and nothing is sorted. `contribution(p)` is `(table row, source
+/// row of src, weight)`, or `None` for a skipped position.
 fn scatter_dense(
     k: &GradKernels,
     n: usize,
-    contribution: &(impl Fn(usize) -> Option<(usize, u32, f32)> + Sync),
+    contribution: impl Fn(usize) -> Option<(usize, u32, f32)>,
     src: &[f32],
-    rows: usize,
     dim: usize,
     out: &mut [f32],
 ) {
-    if dim == 0 || rows == 0 {
+    if dim == 0 {
         return;
     }
-    let Some(chunk) = parallel::chunk_items(rows, bytes_per_unit(rows, n, dim)) else {
-        out.fill(0.0);
-        scatter_positions(k, 0..n, contribution, src, dim, 0, out);
-        return;
-    };
-    let ranges = rows.div_ceil(chunk);
-    // Partition positions by row range: position blocks count per range, a prefix sum over
-    // (range, block) gives each block's place, then the blocks place their positions.
-    let block = n.div_ceil(ranges).max(1);
-    let blocks = n.div_ceil(block);
-    let range_of = |p: usize| contribution(p).map(|(r, _, _)| r / chunk);
-    let mut counts = vec![0u32; blocks * ranges]; // [block][range]
-    counts
-        .par_chunks_mut(ranges)
-        .enumerate()
-        .for_each(|(b, counts)| {
-            for p in b * block..((b + 1) * block).min(n) {
-                if let Some(r) = range_of(p) {
-                    counts[r] += 1;
-                }
-            }
-        });
-    // Range r's positions, block by block: cut the buffer into one slice per (range, block)
-    // and give each block its slices.
-    let mut range_start = vec![0usize; ranges + 1];
-    for r in 0..ranges {
-        let in_range: usize = (0..blocks).map(|b| counts[b * ranges + r] as usize).sum();
-        range_start[r + 1] = range_start[r] + in_range;
-    }
-    let mut positions = vec![0u32; range_start[ranges]];
-    let mut per_block: Vec<Vec<&mut [u32]>> =
-        (0..blocks).map(|_| Vec::with_capacity(ranges)).collect();
-    let mut rest = &mut positions[..];
-    for r in 0..ranges {
-        for (b, slices) in per_block.iter_mut().enumerate() {
-            let (mine, tail) =
-                std::mem::take(&mut rest).split_at_mut(counts[b * ranges + r] as usize);
-            slices.push(mine);
-            rest = tail;
-        }
-    }
-    per_block
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(b, mut slices)| {
-            let mut next = vec![0usize; ranges];
-            for p in b * block..((b + 1) * block).min(n) {
-                if let Some(r) = range_of(p) {
-                    slices[r][next[r]] = p as u32;
-                    next[r] += 1;
-                }
-            }
-        });
-    out.par_chunks_mut(chunk * dim)
-        .enumerate()
-        .for_each(|(r, out)| {
-            out.fill(0.0);
-            let mine = &positions[range_start[r]..range_start[r + 1]];
-            scatter_positions(
-                k,
-                mine.iter().map(|&p| p as usize),
-                contribution,
-                src,
-                dim,
-                r * chunk,
-                out,
-            );
-        });
+    out.fill(0.0);
+    scatter_positions(k, 0..n, contribution, src, dim, 0, out);
 }
 
 /// Add the contributions of `positions` (ascending) whose rows lie in
