@@ -48,7 +48,9 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use index::Index;
 pub use ops::bag::{BagMode, BagOptions, Bags};
+pub use ops::grad::{CoalescedGrad, EmbeddingBackward, EmbeddingBagBackward, SparseGrad};
 pub use ops::lookup::output_shape;
+pub use ops::optim::{Rounding, RowwiseAdagrad, Sgd};
 pub use ops::renorm::MaxNorm;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
 

@@ -10,6 +10,7 @@
 
 pub mod bag;
 pub mod gather;
+pub mod grad;
 pub mod renorm;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
