@@ -52,6 +52,10 @@ impl Table<'_> {
     /// Look up `indices` (any integer type, any shape flattened) into `out`, which must hold
     /// `indices.len() * dim` elements of f32 or of the table's own dtype. Allocates nothing.
     ///
+    /// Outputs larger than the last-level cache are written with streaming stores when `out`
+    /// is 64-byte aligned and rows are whole cache lines: for the fastest large lookups, use an
+    /// aligned buffer (a [`Table::zeros`] of `indices.len()` rows is one, with huge pages).
+    ///
     /// Every index is checked before any output element is written: on error `out` is
     /// untouched and the error names the first bad index, its position and the row count.
     ///
@@ -148,8 +152,12 @@ pub(crate) fn gather_validated<I: Index>(
         return;
     }
     let table_bytes = table.as_bytes();
-    // An output larger than the last-level cache will not be read back from cache: stream it.
-    let stream = indices.len() * out_row_bytes >= streaming_threshold();
+    // An output larger than the last-level cache will not be read back from cache: stream it,
+    // when its rows are whole aligned cache lines (otherwise a row's partial lines would mix
+    // streaming and ordinary stores).
+    let stream = indices.len() * out_row_bytes >= streaming_threshold()
+        && out_row_bytes.is_multiple_of(64)
+        && (out.as_ptr() as usize).is_multiple_of(64);
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,

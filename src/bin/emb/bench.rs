@@ -130,9 +130,10 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
         }
         _ => batch,
     };
-    let out_len = batch * dim * out_dtype.size();
-    let mut out_words = vec![0u64; out_len.div_ceil(8)]; // 8-byte aligned for every dtype
-    let out_bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut out_words)[..out_len];
+    // The output is an owned table: 64-byte aligned, huge pages on Linux, as a careful caller
+    // would allocate it (an f32 table of the same shape holds every output dtype).
+    let mut out_table = Table::zeros(batch, dim, DType::F32)?;
+    let out_bytes = bytemuck::cast_slice_mut::<f32, u8>(out_table.as_mut_slice::<f32>()?);
     let max_norm = MaxNorm::new(args.max_norm)?;
     let bag_options = BagOptions::mode(args.mode.parse::<BagMode>()?);
     let op = args.op.clone();
