@@ -253,3 +253,24 @@ fn borrowed_tables_check_their_shape() {
     let ro = Table::borrowed(&data, 3, 4).unwrap();
     assert!(ro.storage_kind() == embedding_lookup::StorageKind::Borrowed);
 }
+
+/// Streaming stores (large aligned outputs) give the same bits as ordinary stores. The
+/// threshold is process-wide; other tests in this binary are unaffected in their results.
+#[test]
+fn streaming_output_matches() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let table = Table::randn(1000, 64, dtype, 8).unwrap();
+        let idx = random_indices(5000, 1000, 9);
+        let want: Vec<f32> = naive(&table, &idx);
+        // An owned table is a 64-byte aligned buffer.
+        let mut out = Table::zeros(5000, 64, DType::F32).unwrap();
+        embedding_lookup::kernels::set_streaming_threshold(0);
+        table
+            .lookup_into(&idx, out.as_mut_slice::<f32>().unwrap())
+            .unwrap();
+        embedding_lookup::kernels::set_streaming_threshold(
+            embedding_lookup::kernels::DEFAULT_STREAMING_THRESHOLD,
+        );
+        assert!(out.as_slice::<f32>().unwrap() == want.as_slice(), "{dtype}");
+    }
+}
