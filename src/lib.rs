@@ -16,6 +16,15 @@
 //! `.npy` files without copying. The kernels are explicit SIMD picked at run time
 //! ([`kernels::Isa`]), prefetch the rows ahead, and spread large batches over rayon's threads.
 //!
+//! The operations, each with PyTorch's semantics and checked against PyTorch's own outputs
+//! ([`conformance`]):
+//! - lookups: [`Table::lookup_into`], [`Table::lookup`] ([`ops::lookup`]);
+//! - `max_norm` renorm fused with the lookup, in place or output only: [`MaxNorm`],
+//!   [`Table::lookup_renorm_in_place`], [`Table::lookup_renorm_output_only`] ([`ops::renorm`]);
+//! - embedding bags (sum, mean, max, weights, padding): [`Table::bag_into`] ([`ops::bag`]);
+//! - gradients and sparse updates: [`EmbeddingBackward`], [`EmbeddingBagBackward`], [`Sgd`],
+//!   [`RowwiseAdagrad`] ([`ops::grad`], [`ops::optim`]).
+//!
 //! ```
 //! use embedding_lookup::{DType, Table};
 //!
