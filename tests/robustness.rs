@@ -549,3 +549,76 @@ fn a_failed_commit_removes_the_temporary_file() {
         .collect();
     assert_eq!(names.len(), 2, "temporary files left: {names:?}");
 }
+
+/// Regression: the first lookup, however small, asked rayon for its thread count, which starts
+/// the global pool (one thread per core). Small work must not involve rayon at all. Checked in
+/// a child process, where nothing else has started the pool.
+#[cfg(target_os = "linux")]
+#[test]
+fn small_lookups_start_no_threads() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "small_lookup_child",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EMB_SMALL_LOOKUP_CHILD", "1")
+        .env("RAYON_NUM_THREADS", "4")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("new threads: 0 after a small lookup, 4 after a large one"),
+        "{stdout}"
+    );
+}
+
+/// Run by `small_lookups_start_no_threads` in a child process: no new thread for a small
+/// lookup, rayon's 4 once a large lookup needs them.
+#[cfg(target_os = "linux")]
+#[test]
+#[ignore = "a child process of small_lookups_start_no_threads"]
+fn small_lookup_child() {
+    assert!(std::env::var_os("EMB_SMALL_LOOKUP_CHILD").is_some());
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let before = threads();
+    let t = Table::randn(1000, 64, DType::F32, 1).unwrap();
+    let small: Vec<f32> = t.lookup(&[1i64, 2, 3]).unwrap();
+    assert_eq!(small.len(), 3 * 64);
+    let after_small = threads();
+    let many: Vec<i64> = (0..100_000).map(|i| i % 1000).collect();
+    let large: Vec<f32> = t.lookup(&many).unwrap();
+    assert_eq!(large.len(), 100_000 * 64);
+    println!(
+        "new threads: {} after a small lookup, {} after a large one",
+        after_small - before,
+        threads() - before
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection
+
+/// `EMBEDDING_LOOKUP_ISA` forces a lower kernel level (how CI runs the suite on the portable
+/// and scalar fallbacks); without it, the best level the CPU has is used.
+#[test]
+fn the_kernel_in_use_is_the_forced_or_the_best_one() {
+    use embedding_lookup::kernels::Isa;
+    let best = Isa::all_available()[0];
+    let want = match std::env::var("EMBEDDING_LOOKUP_ISA") {
+        Ok(v) => match Isa::from_name(&v) {
+            Some(isa) if isa.is_available() => isa,
+            _ => best,
+        },
+        Err(_) => best,
+    };
+    assert_eq!(embedding_lookup::kernel_name(), want.name());
+    eprintln!("kernel in use: {}", want.name());
+}
