@@ -16,7 +16,7 @@ fn empty_rowed_slices_cannot_claim_more_rows_than_an_isize() {
     // validation (wrapped below the row count).
     for rows in [usize::MAX, isize::MAX as usize + 1] {
         let e = Table::borrowed::<f32>(&[], rows, 0).unwrap_err();
-        assert_eq!(e.kind(), "shape_mismatch", "{e}");
+        assert_eq!(e.kind(), "invalid_argument", "{e}");
         assert!(e.to_string().contains(&rows.to_string()), "{e}");
         assert!(Table::borrowed_mut::<f16>(&mut [], rows, 0).is_err());
         assert!(Table::from_slice::<bf16>(&[], rows, 0).is_err());
@@ -30,6 +30,26 @@ fn empty_rowed_slices_cannot_claim_more_rows_than_an_isize() {
         }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn rows_of_more_bytes_than_an_isize_are_refused_even_in_empty_tables() {
+    // Regression (found by fuzzing npy_file): a (0, 2^62) f32 file opened as a table whose
+    // `row_bytes()` overflowed.
+    let wide = 1usize << 62;
+    assert!(Table::zeros(0, wide, DType::F32).is_err());
+    assert!(Table::borrowed::<f32>(&[], 0, wide).is_err());
+    assert!(Table::borrowed_mut::<f16>(&mut [], 0, usize::MAX).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("wide.npy");
+    std::fs::write(&p, npy_bytes(&format!("(0, {wide})"), "<f4", &[])).unwrap();
+    let e = Table::open(&p, None).unwrap_err();
+    assert_eq!(e.kind(), "format", "{e}");
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    // The widest rows that fit are fine, as f16 (2 bytes each).
+    let t = Table::zeros(0, isize::MAX as usize / 2, DType::F16).unwrap();
+    assert_eq!(t.row_bytes(), isize::MAX as usize - 1);
+    assert!(t.lookup::<i64, f32>(&[]).unwrap().is_empty());
 }
 
 #[test]

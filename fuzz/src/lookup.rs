@@ -165,12 +165,12 @@ fn with_table<T: Element>(input: &Input, bytes: &[u8], ty: Ty, rows: usize, dim:
         StorageChoice::Borrowed => Table::borrowed(&data, rows, dim),
         StorageChoice::BorrowedMut => Table::borrowed_mut(&mut data, rows, dim),
     };
-    // A table is only refused when its byte size or row count does not fit an isize.
-    let fits = rows <= isize::MAX as usize
-        && rows
-            .checked_mul(dim)
-            .and_then(|n| n.checked_mul(ty.size()))
-            .is_some_and(|n| n <= isize::MAX as usize);
+    // A table is only refused when its row count, row bytes or total bytes do not fit an
+    // isize.
+    let max = isize::MAX as usize;
+    let fits = rows <= max
+        && dim * ty.size() <= max
+        && (rows == 0 || dim == 0 || rows.checked_mul(dim * ty.size()).is_some_and(|n| n <= max));
     let mut table = match made {
         Ok(t) => {
             assert!(fits, "a {rows} × {dim} table was accepted");
