@@ -32,17 +32,25 @@ impl AtomicFile {
         let file_name = dest
             .file_name()
             .ok_or_else(|| Error::format(Some(dest), "not a file path"))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(dest, e))?;
+        // A name taken by a file an earlier, killed process left (process ids repeat, in
+        // containers especially) is skipped, not an error; the stale file is left alone.
+        const ATTEMPTS: usize = 1000;
+        let mut attempt = 0;
+        let (tmp, file) = loop {
+            let tmp = dir.join(format!(
+                ".{}.tmp-{}-{}",
+                file_name.to_string_lossy(),
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            match File::options().write(true).create_new(true).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(Error::io(dest, e)),
+            }
+        };
         Ok(AtomicFile {
             tmp,
             dest: dest.to_path_buf(),
