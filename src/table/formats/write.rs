@@ -72,6 +72,11 @@ impl AtomicFile {
         let file = w
             .into_inner()
             .map_err(|e| Error::io(&self.dest, e.into_error()))?;
+        // A file being replaced keeps its permissions (a private output stays private).
+        if let Ok(meta) = fs::metadata(&self.dest) {
+            file.set_permissions(meta.permissions())
+                .map_err(|e| Error::io(&self.dest, e))?;
+        }
         file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
         drop(file);
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
