@@ -642,3 +642,25 @@ fn the_kernel_in_use_is_the_forced_or_the_best_one() {
     assert_eq!(embedding_lookup::kernel_name(), want.name());
     eprintln!("kernel in use: {}", want.name());
 }
+
+/// Replacing a file keeps its permissions: an output the user had made private (0600) must
+/// not become world-readable because it was rewritten through a temporary file.
+#[cfg(unix)]
+#[test]
+fn replacing_a_file_keeps_its_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let table = Table::randn(4, 3, DType::F32, 1).unwrap();
+    for (name, mode) in [("private.npy", 0o600), ("shared.safetensors", 0o640)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        table.save(&path).unwrap();
+        let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "{name}: {got:o}");
+        assert_eq!(
+            Table::open(&path, None).unwrap().as_bytes(),
+            table.as_bytes()
+        );
+    }
+}
