@@ -29,9 +29,16 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
     );
     if table.dtype() == DType::F32 {
         let t = table.as_slice::<f32>().unwrap();
-        group.bench_function(BenchmarkId::new("naive", label), |b| {
-            b.iter(|| naive_serial_or_parallel(t, dim, indices, &mut out))
-        });
+        if batch <= 4096 {
+            group.bench_function(BenchmarkId::new("naive_serial", label), |b| {
+                b.iter(|| naive_serial(t, dim, indices, &mut out))
+            });
+        }
+        if batch >= 4096 {
+            group.bench_function(BenchmarkId::new("naive_rayon", label), |b| {
+                b.iter(|| workload::naive_lookup(t, dim, indices, &mut out))
+            });
+        }
     }
     let src = vec![1.0f32; batch * dim];
     group.bench_function(BenchmarkId::new("memcpy", label), |b| {
@@ -45,15 +52,11 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
     group.finish();
 }
 
-/// The naive loop: serial for small batches (what a user writes), rayon for large ones.
-fn naive_serial_or_parallel(t: &[f32], dim: usize, indices: &[i64], out: &mut [f32]) {
-    if indices.len() < 4096 {
-        for (o, &i) in out.chunks_exact_mut(dim).zip(indices) {
-            let r = i as usize;
-            o.copy_from_slice(&t[r * dim..(r + 1) * dim]);
-        }
-    } else {
-        workload::naive_lookup(t, dim, indices, out);
+/// The loop a user writes: `copy_from_slice` per row, on one thread.
+fn naive_serial(t: &[f32], dim: usize, indices: &[i64], out: &mut [f32]) {
+    for (o, &i) in out.chunks_exact_mut(dim).zip(indices) {
+        let r = i as usize;
+        o.copy_from_slice(&t[r * dim..(r + 1) * dim]);
     }
 }
 

@@ -17,6 +17,7 @@ const CHUNKS_PER_THREAD: usize = 4;
 
 /// How many items each parallel task takes, or `None` to run serially. `bytes_per_item` is the
 /// bytes an item moves (a row read plus a row written, for a gather).
+#[inline]
 pub(crate) fn chunk_items(items: usize, bytes_per_item: usize) -> Option<usize> {
     let total = items.saturating_mul(bytes_per_item.max(1));
     if total < MIN_PARALLEL_BYTES {

@@ -30,8 +30,29 @@ pub fn set_prefetch_distance(rows: usize) {
 }
 
 /// The prefetch distance in use.
+#[inline]
 pub fn prefetch_distance() -> usize {
     PREFETCH_DISTANCE.load(Ordering::Relaxed)
+}
+
+/// Outputs of at least this many bytes are written with streaming (non-temporal) stores,
+/// unless changed with [`set_streaming_threshold`]. A measured choice (BENCHMARKS.md): an
+/// output that does not fit in the last-level cache is not read back from it, and streaming
+/// skips the read-for-ownership of every output line.
+pub const DEFAULT_STREAMING_THRESHOLD: usize = 16 << 20;
+
+static STREAMING_THRESHOLD: AtomicUsize = AtomicUsize::new(DEFAULT_STREAMING_THRESHOLD);
+
+/// Set the output size from which gathers use streaming stores (`usize::MAX`: never, `0`:
+/// always). Process-wide; meant for benchmarks and tuning.
+pub fn set_streaming_threshold(bytes: usize) {
+    STREAMING_THRESHOLD.store(bytes, Ordering::Relaxed);
+}
+
+/// The streaming-store threshold in use, in output bytes.
+#[inline]
+pub fn streaming_threshold() -> usize {
+    STREAMING_THRESHOLD.load(Ordering::Relaxed)
 }
 
 /// An instruction-set level the kernels are written for, best first.

@@ -6,17 +6,12 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::gather::GatherKernels;
-use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
+use crate::kernels::{prefetch_distance, streaming_threshold, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
 /// Positions converted to row numbers at a time: small enough to sit in L1 on the stack.
 const BLOCK: usize = 256;
-
-/// Outputs at least this large are written with streaming (non-temporal) stores. Measured
-/// with `emb bench` (BENCHMARKS.md): below it, cached stores win because the output still fits
-/// in the last-level cache.
-const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// The shape of a lookup's output: the indices' shape with `dim` appended.
 ///
@@ -42,6 +37,7 @@ pub(crate) enum Conversion {
 
 impl Conversion {
     /// The conversion from a table dtype to an output dtype: the same dtype, or f32.
+    #[inline]
     pub(crate) fn new(table: DType, out: DType) -> Result<Conversion> {
         match (table, out) {
             (a, b) if a == b => Ok(Conversion::Copy),
@@ -75,8 +71,12 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         check_output_len(indices.len(), self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
+        if conversion == Conversion::Copy && indices.len() <= FEW_ROWS {
+            copy_few_rows(self, indices, bytemuck::cast_slice_mut(out));
+            return Ok(());
+        }
         gather_validated(
-            &GatherKernels::detect(),
+            GatherKernels::detect(),
             conversion,
             self,
             indices,
@@ -86,19 +86,40 @@ impl Table<'_> {
     }
 
     /// Look up `indices` into a new vector of `indices.len() * dim` elements (f32 or the
-    /// table's dtype).
+    /// table's dtype). For repeated large lookups, [`Table::lookup_into`] with a reused buffer
+    /// is faster: a fresh buffer's pages are faulted in (and zeroed by the OS) on first write.
     pub fn lookup<I: Index, O: Element>(&self, indices: &[I]) -> Result<Vec<O>> {
         let len = indices
             .len()
             .checked_mul(self.dim())
             .ok_or_else(|| Error::InvalidArgument("output size overflows".into()))?;
-        let mut out = vec![O::default(); len];
+        // Zeroed by the allocator (fresh pages from the OS for large outputs): no extra pass.
+        let mut out = bytemuck::zeroed_vec::<O>(len);
         self.lookup_into(indices, &mut out)?;
         Ok(out)
     }
 }
 
+/// Up to this many rows, a copy per row beats the fixed cost of the block kernels (measured
+/// with `cargo run --release --example overhead`).
+const FEW_ROWS: usize = 64;
+
+/// Copy a few validated rows, one `copy_from_slice` each.
+#[inline]
+fn copy_few_rows<I: Index>(table: &Table<'_>, indices: &[I], out: &mut [u8]) {
+    let row_bytes = table.row_bytes();
+    if row_bytes == 0 {
+        return;
+    }
+    let t = table.as_bytes();
+    for (o, &i) in out.chunks_exact_mut(row_bytes).zip(indices) {
+        let r = i.as_wrapped_u64() as usize;
+        o.copy_from_slice(&t[r * row_bytes..(r + 1) * row_bytes]);
+    }
+}
+
 /// The output must hold exactly `n * dim` elements.
+#[inline]
 pub(crate) fn check_output_len(n: usize, dim: usize, actual: usize) -> Result<()> {
     let expected = n
         .checked_mul(dim)
@@ -128,7 +149,7 @@ pub(crate) fn gather_validated<I: Index>(
     }
     let table_bytes = table.as_bytes();
     // An output larger than the last-level cache will not be read back from cache: stream it.
-    let stream = indices.len() * out_row_bytes >= STREAM_MIN_BYTES;
+    let stream = indices.len() * out_row_bytes >= streaming_threshold();
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,
@@ -147,6 +168,27 @@ pub(crate) fn gather_validated<I: Index>(
             .par_chunks_mut(chunk * out_row_bytes)
             .zip(indices.par_chunks(chunk))
             .for_each(|(out, indices)| run(indices, out)),
+    }
+}
+
+/// Row numbers of one block plus its lookahead, on the stack. Left uninitialised: zeroing
+/// 2.5 KiB per call would cost more than a whole small lookup.
+struct RowBuffer([std::mem::MaybeUninit<usize>; BLOCK + MAX_PREFETCH_DISTANCE]);
+
+impl RowBuffer {
+    fn new() -> RowBuffer {
+        RowBuffer([std::mem::MaybeUninit::uninit(); BLOCK + MAX_PREFETCH_DISTANCE])
+    }
+
+    /// Convert validated indices (at most the buffer's length) to row numbers.
+    fn fill<I: Index>(&mut self, indices: &[I]) -> &[usize] {
+        let n = indices.len().min(self.0.len());
+        for (slot, &i) in self.0.iter_mut().zip(&indices[..n]) {
+            // Validated: 0 <= i < rows, so the wrapped value is the row number.
+            slot.write(i.as_wrapped_u64() as usize);
+        }
+        // SAFETY: the first `n` slots were just written.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<usize>(), n) }
     }
 }
 
@@ -169,17 +211,13 @@ fn gather_serial<I: Index>(
         Conversion::F16ToF32 | Conversion::Bf16ToF32 => dim * 2,
     };
     let prefetch = prefetch_distance();
-    let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
+    let mut rows = RowBuffer::new();
     let n = indices.len();
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
         let ahead_end = (end + prefetch).min(n);
-        for (r, &i) in rows.iter_mut().zip(&indices[start..ahead_end]) {
-            // Validated: 0 <= i < rows, so the wrapped value is the row number.
-            *r = i.as_wrapped_u64() as usize;
-        }
-        let block_rows = &rows[..ahead_end - start];
+        let block_rows = rows.fill(&indices[start..ahead_end]);
         let count = end - start;
         let block_out = &mut out[start * out_row_bytes..end * out_row_bytes];
         // SAFETY: every index was validated against the table's rows, so every row in

@@ -326,11 +326,13 @@ impl<'a> Table<'a> {
     }
 
     /// Number of rows (the vocabulary size).
+    #[inline]
     pub fn rows(&self) -> usize {
         self.rows
     }
 
     /// Elements per row (the hidden size).
+    #[inline]
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -341,11 +343,13 @@ impl<'a> Table<'a> {
     }
 
     /// The element type.
+    #[inline]
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
     /// Bytes per row.
+    #[inline]
     pub fn row_bytes(&self) -> usize {
         self.dim * self.dtype.size()
     }
@@ -362,6 +366,7 @@ impl<'a> Table<'a> {
     }
 
     /// The raw bytes, little-endian, row-major.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         self.storage.bytes()
     }

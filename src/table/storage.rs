@@ -21,6 +21,7 @@ pub(crate) enum Storage<'a> {
 }
 
 impl Storage<'_> {
+    #[inline]
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Storage::Owned(b) => b.as_slice(),
@@ -101,6 +102,7 @@ impl AlignedBuf {
         }
     }
 
+    #[inline]
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             AlignedBuf::Lines(v, len) => &bytemuck::cast_slice::<CacheLine, u8>(v)[..*len],

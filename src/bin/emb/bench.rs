@@ -44,6 +44,12 @@ pub struct Args {
     /// Timed iterations.
     #[arg(long, default_value_t = 11)]
     iters: usize,
+    /// Rows ahead to prefetch (default: the library's measured default).
+    #[arg(long)]
+    prefetch: Option<usize>,
+    /// Streaming stores: auto (outputs above the library's threshold), always or never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    stream: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -58,6 +64,15 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
 }
 
 fn run_in_pool(args: Args, verbose: bool) -> CliResult {
+    use embedding_lookup::kernels;
+    if let Some(p) = args.prefetch {
+        kernels::set_prefetch_distance(p);
+    }
+    match args.stream.as_str() {
+        "always" => kernels::set_streaming_threshold(0),
+        "never" => kernels::set_streaming_threshold(usize::MAX),
+        _ => {}
+    }
     let started = Instant::now();
     let progress = Progress::new(started);
     let (rows, dim, batch) = (args.rows, args.dim, args.batch);
@@ -151,6 +166,8 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
             "iters": args.iters,
             "median_s": engine.median, "min_s": engine.min, "max_s": engine.max,
             "table_zero_copy": table.is_zero_copy(),
+            "prefetch": kernels::prefetch_distance(),
+            "stream": args.stream,
         });
         if let Some(n) = &naive {
             obj["naive_rows_per_s"] = serde_json::json!(batch as f64 / n.median);
@@ -159,9 +176,9 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
         println!("{obj}");
     } else {
         println!(
-            "{} {rows} × {dim} {} -> {}, batch {batch}, {:?}, {}: kernel {}, {threads_used} threads",
+            "{} {rows} × {dim} {} -> {}, batch {batch}, {:?}, {}: kernel {}, {threads_used} threads, prefetch {}, stream {}",
             args.op, args.dtype, out_dtype, args.dist, args.storage,
-            embedding_lookup::kernel_name()
+            embedding_lookup::kernel_name(), kernels::prefetch_distance(), args.stream
         );
         println!(
             "  engine  {:>8.2} M rows/s  {:>6.2} GB/s  (median of {}, spread {:.0}%)",

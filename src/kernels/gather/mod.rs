@@ -55,6 +55,7 @@ pub(crate) struct Stores<F> {
 }
 
 impl<F: Copy> Stores<F> {
+    #[inline]
     pub(crate) fn pick(&self, stream: bool) -> F {
         if stream {
             self.streaming
@@ -81,9 +82,11 @@ pub struct GatherKernels {
 }
 
 impl GatherKernels {
-    /// The kernels in use on this CPU ([`Isa::detect`]).
-    pub fn detect() -> GatherKernels {
-        Self::for_isa(Isa::detect()).expect("the detected ISA is available")
+    /// The kernels in use on this CPU ([`Isa::detect`]), chosen once per process.
+    #[inline]
+    pub fn detect() -> &'static GatherKernels {
+        static CHOSEN: std::sync::OnceLock<GatherKernels> = std::sync::OnceLock::new();
+        CHOSEN.get_or_init(|| Self::for_isa(Isa::detect()).expect("the detected ISA is available"))
     }
 
     /// The kernels of one level, or `None` if the CPU cannot run it.
