@@ -216,3 +216,46 @@ fn conversions_round_trip_exactly_where_they_widen() {
         assert_eq!(back.as_slice::<f32>().unwrap(), &widened[..], "{dtype}");
     }
 }
+
+/// Past the few-rows path and across the 256-row blocks of the kernels, with the prefetch
+/// lookahead running over each block's end: every row as the plain definition gives it.
+#[test]
+fn lookups_across_kernel_blocks() {
+    let (rows, dim) = (37, 5);
+    let mut rng = Rng::new(8);
+    let data: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
+    let indices: Vec<u32> = (0..600).map(|_| rng.below(rows as u64) as u32).collect();
+    let want = naive(&data, dim, &indices);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = Table::from_slice(&data, rows, dim)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let f32_table = t.to_dtype(DType::F32).unwrap();
+        let exact = naive(f32_table.as_slice::<f32>().unwrap(), dim, &indices);
+        let got: Vec<f32> = t.lookup(&indices).unwrap();
+        assert_eq!(got, exact, "{dtype}");
+        if dtype == DType::F32 {
+            assert_eq!(got, want);
+        }
+        let native: Vec<u8> = match dtype {
+            DType::F32 => {
+                bytemuck::cast_slice::<_, u8>(&t.lookup::<u32, f32>(&indices).unwrap()).to_vec()
+            }
+            DType::F16 => {
+                bytemuck::cast_slice::<_, u8>(&t.lookup::<u32, f16>(&indices).unwrap()).to_vec()
+            }
+            DType::BF16 => {
+                bytemuck::cast_slice::<_, u8>(&t.lookup::<u32, bf16>(&indices).unwrap()).to_vec()
+            }
+        };
+        let want_native: Vec<u8> = indices
+            .iter()
+            .flat_map(|&i| {
+                let rb = t.row_bytes();
+                t.as_bytes()[i as usize * rb..(i as usize + 1) * rb].to_vec()
+            })
+            .collect();
+        assert_eq!(native, want_native, "{dtype}");
+    }
+}
