@@ -53,6 +53,31 @@ fn rows_of_more_bytes_than_an_isize_are_refused_even_in_empty_tables() {
 }
 
 #[test]
+fn lookup_reports_bad_indices_before_allocating_its_output() {
+    // Regression (found by fuzzing npy_file): an f16 table of shape (0, 2^62 - 1) widened to
+    // f32 made `lookup` allocate 2^62 - 1 floats for a bad index, a panic (layout overflow)
+    // instead of the index error.
+    let dim = (1usize << 62) - 1;
+    let t = Table::borrowed::<f16>(&[], 0, dim).unwrap();
+    for idx in [&[0u64][..], &[5, 0]] {
+        match t.lookup::<u64, f32>(idx) {
+            Err(Error::IndexOutOfRange { position: 0, .. }) => {}
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        match t.lookup::<u64, f16>(idx) {
+            Err(Error::IndexOutOfRange { position: 0, .. }) => {}
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+    }
+    assert!(t.lookup::<u64, f32>(&[]).unwrap().is_empty());
+    // The dtype is still checked first.
+    assert_eq!(
+        t.lookup::<u64, bf16>(&[0]).unwrap_err().kind(),
+        "dtype_mismatch"
+    );
+}
+
+#[test]
 fn row_past_the_end_is_none_for_any_row_number() {
     // Regression: `row(usize::MAX)` overflowed `(row + 1) * dim` (a panic in debug builds).
     let t = Table::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2).unwrap();
