@@ -264,3 +264,36 @@ fn read_only_directory() {
     let names: Vec<_> = std::fs::read_dir(&ro).unwrap().collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
+
+/// A temporary file left by an earlier run that was killed (SIGKILL, power loss) may carry the
+/// name a new run picks: the same process id is common in containers. Regression: the new run
+/// failed with "File exists". It must pick another name and leave the stale file alone.
+#[cfg(unix)]
+#[test]
+fn a_stale_temporary_file_with_the_same_name_does_not_block_writing() {
+    let d = Dir::with_inputs(10);
+    let out = d.p("out.npy");
+    // `exec` keeps the shell's process id, so `$$` is the id emb will run with; its first
+    // temporary file is number 0.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("printf stale > \"$(dirname \"$0\")/.out.npy.tmp-$$-0\" && exec \"$@\"")
+        .arg(&out)
+        .arg(EMB)
+        .args([
+            "lookup",
+            "--table",
+            s(&d.p("table.npy")),
+            "--indices",
+            s(&d.p("idx.npy")),
+            "--out",
+            s(&out),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 128 + 20_000 * 256);
+    let stale = d.leftovers();
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    assert_eq!(std::fs::read(d.p(&stale[0])).unwrap(), b"stale");
+}

@@ -16,7 +16,7 @@ fn empty_rowed_slices_cannot_claim_more_rows_than_an_isize() {
     // validation (wrapped below the row count).
     for rows in [usize::MAX, isize::MAX as usize + 1] {
         let e = Table::borrowed::<f32>(&[], rows, 0).unwrap_err();
-        assert_eq!(e.kind(), "shape_mismatch", "{e}");
+        assert_eq!(e.kind(), "invalid_argument", "{e}");
         assert!(e.to_string().contains(&rows.to_string()), "{e}");
         assert!(Table::borrowed_mut::<f16>(&mut [], rows, 0).is_err());
         assert!(Table::from_slice::<bf16>(&[], rows, 0).is_err());
@@ -30,6 +30,51 @@ fn empty_rowed_slices_cannot_claim_more_rows_than_an_isize() {
         }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn rows_of_more_bytes_than_an_isize_are_refused_even_in_empty_tables() {
+    // Regression (found by fuzzing npy_file): a (0, 2^62) f32 file opened as a table whose
+    // `row_bytes()` overflowed.
+    let wide = 1usize << 62;
+    assert!(Table::zeros(0, wide, DType::F32).is_err());
+    assert!(Table::borrowed::<f32>(&[], 0, wide).is_err());
+    assert!(Table::borrowed_mut::<f16>(&mut [], 0, usize::MAX).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("wide.npy");
+    std::fs::write(&p, npy_bytes(&format!("(0, {wide})"), "<f4", &[])).unwrap();
+    let e = Table::open(&p, None).unwrap_err();
+    assert_eq!(e.kind(), "format", "{e}");
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    // The widest rows that fit are fine, as f16 (2 bytes each).
+    let t = Table::zeros(0, isize::MAX as usize / 2, DType::F16).unwrap();
+    assert_eq!(t.row_bytes(), isize::MAX as usize - 1);
+    assert!(t.lookup::<i64, f32>(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn lookup_reports_bad_indices_before_allocating_its_output() {
+    // Regression (found by fuzzing npy_file): an f16 table of shape (0, 2^62 - 1) widened to
+    // f32 made `lookup` allocate 2^62 - 1 floats for a bad index, a panic (layout overflow)
+    // instead of the index error.
+    let dim = (1usize << 62) - 1;
+    let t = Table::borrowed::<f16>(&[], 0, dim).unwrap();
+    for idx in [&[0u64][..], &[5, 0]] {
+        match t.lookup::<u64, f32>(idx) {
+            Err(Error::IndexOutOfRange { position: 0, .. }) => {}
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        match t.lookup::<u64, f16>(idx) {
+            Err(Error::IndexOutOfRange { position: 0, .. }) => {}
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+    }
+    assert!(t.lookup::<u64, f32>(&[]).unwrap().is_empty());
+    // The dtype is still checked first.
+    assert_eq!(
+        t.lookup::<u64, bf16>(&[0]).unwrap_err().kind(),
+        "dtype_mismatch"
+    );
 }
 
 #[test]
@@ -548,4 +593,99 @@ fn a_failed_commit_removes_the_temporary_file() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 2, "temporary files left: {names:?}");
+}
+
+/// Regression: the first lookup, however small, asked rayon for its thread count, which starts
+/// the global pool (one thread per core). Small work must not involve rayon at all. Checked in
+/// a child process, where nothing else has started the pool.
+#[cfg(target_os = "linux")]
+#[test]
+fn small_lookups_start_no_threads() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "small_lookup_child",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EMB_SMALL_LOOKUP_CHILD", "1")
+        .env("RAYON_NUM_THREADS", "4")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("new threads: 0 after a small lookup, 4 after a large one"),
+        "{stdout}"
+    );
+}
+
+/// Run by `small_lookups_start_no_threads` in a child process: no new thread for a small
+/// lookup, rayon's 4 once a large lookup needs them.
+#[cfg(target_os = "linux")]
+#[test]
+#[ignore = "a child process of small_lookups_start_no_threads"]
+fn small_lookup_child() {
+    assert!(std::env::var_os("EMB_SMALL_LOOKUP_CHILD").is_some());
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let before = threads();
+    let t = Table::randn(1000, 64, DType::F32, 1).unwrap();
+    let small: Vec<f32> = t.lookup(&[1i64, 2, 3]).unwrap();
+    assert_eq!(small.len(), 3 * 64);
+    let after_small = threads();
+    let many: Vec<i64> = (0..100_000).map(|i| i % 1000).collect();
+    let large: Vec<f32> = t.lookup(&many).unwrap();
+    assert_eq!(large.len(), 100_000 * 64);
+    println!(
+        "new threads: {} after a small lookup, {} after a large one",
+        after_small - before,
+        threads() - before
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection
+
+/// `EMBEDDING_LOOKUP_ISA` forces a lower kernel level (how CI runs the suite on the portable
+/// and scalar fallbacks); without it, the best level the CPU has is used.
+#[test]
+fn the_kernel_in_use_is_the_forced_or_the_best_one() {
+    use embedding_lookup::kernels::Isa;
+    let best = Isa::all_available()[0];
+    let want = match std::env::var("EMBEDDING_LOOKUP_ISA") {
+        Ok(v) => match Isa::from_name(&v) {
+            Some(isa) if isa.is_available() => isa,
+            _ => best,
+        },
+        Err(_) => best,
+    };
+    assert_eq!(embedding_lookup::kernel_name(), want.name());
+    eprintln!("kernel in use: {}", want.name());
+}
+
+/// Replacing a file keeps its permissions: an output the user had made private (0600) must
+/// not become world-readable because it was rewritten through a temporary file.
+#[cfg(unix)]
+#[test]
+fn replacing_a_file_keeps_its_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let table = Table::randn(4, 3, DType::F32, 1).unwrap();
+    for (name, mode) in [("private.npy", 0o600), ("shared.safetensors", 0o640)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        table.save(&path).unwrap();
+        let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "{name}: {got:o}");
+        assert_eq!(
+            Table::open(&path, None).unwrap().as_bytes(),
+            table.as_bytes()
+        );
+    }
 }

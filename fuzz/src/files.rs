@@ -114,6 +114,10 @@ fn expected_table(
     if entry.shape.len() != 2 {
         return None;
     }
+    // One row's bytes must fit an isize even when there are no rows.
+    if entry.shape[1].checked_mul(d.size())? > isize::MAX as usize {
+        return None;
+    }
     if mode == OpenMode::MapWritable && !entry.data.start.is_multiple_of(d.size()) {
         return None;
     }

@@ -3,7 +3,7 @@
 //! untouched on error, and never panic.
 
 use arbitrary::Arbitrary;
-use embedding_lookup::{DType, Element, Error, Index, Table};
+use embedding_lookup::{kernels, DType, Element, Error, Index, Table};
 use half::{bf16, f16};
 
 use crate::reference::{self, Ty};
@@ -112,10 +112,24 @@ pub struct Input {
     out_len_delta: Option<i8>,
     /// Rows to read with `Table::row`, any value.
     probe_rows: Vec<u64>,
+    /// Prefetch distance for this input (the default when `None`); capped by the library.
+    prefetch: Option<u8>,
+    /// Streaming-store threshold in output bytes (the default when `None`): small values send
+    /// small outputs through the streaming kernels.
+    stream_threshold: Option<u16>,
+}
+
+/// The library's tuning defaults, read once before any input changes them.
+fn defaults() -> (usize, usize) {
+    static DEFAULTS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *DEFAULTS.get_or_init(|| (kernels::prefetch_distance(), kernels::streaming_threshold()))
 }
 
 /// Run one input; panics on any disagreement.
 pub fn check(input: Input) {
+    let (prefetch, stream) = defaults();
+    kernels::set_prefetch_distance(input.prefetch.map_or(prefetch, usize::from));
+    kernels::set_streaming_threshold(input.stream_threshold.map_or(stream, usize::from));
     let ty = match input.dtype % 3 {
         0 => Ty::F32,
         1 => Ty::F16,
@@ -165,12 +179,12 @@ fn with_table<T: Element>(input: &Input, bytes: &[u8], ty: Ty, rows: usize, dim:
         StorageChoice::Borrowed => Table::borrowed(&data, rows, dim),
         StorageChoice::BorrowedMut => Table::borrowed_mut(&mut data, rows, dim),
     };
-    // A table is only refused when its byte size or row count does not fit an isize.
-    let fits = rows <= isize::MAX as usize
-        && rows
-            .checked_mul(dim)
-            .and_then(|n| n.checked_mul(ty.size()))
-            .is_some_and(|n| n <= isize::MAX as usize);
+    // A table is only refused when its row count, row bytes or total bytes do not fit an
+    // isize.
+    let max = isize::MAX as usize;
+    let fits = rows <= max
+        && dim * ty.size() <= max
+        && (rows == 0 || dim == 0 || rows.checked_mul(dim * ty.size()).is_some_and(|n| n <= max));
     let mut table = match made {
         Ok(t) => {
             assert!(fits, "a {rows} × {dim} table was accepted");

@@ -75,31 +75,41 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         check_output_len(indices.len(), self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
-        if conversion == Conversion::Copy && indices.len() <= FEW_ROWS {
-            copy_few_rows(self, indices, bytemuck::cast_slice_mut(out));
-            return Ok(());
-        }
-        gather_validated(
-            GatherKernels::detect(),
-            conversion,
-            self,
-            indices,
-            bytemuck::cast_slice_mut(out),
-        );
+        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(out));
         Ok(())
+    }
+
+    /// Gather validated `indices` into `out` (bytes of the output dtype, sized for them).
+    fn gather_into<I: Index>(&self, conversion: Conversion, indices: &[I], out: &mut [u8]) {
+        if conversion == Conversion::Copy && indices.len() <= FEW_ROWS {
+            copy_few_rows(self, indices, out);
+            return;
+        }
+        gather_validated(GatherKernels::detect(), conversion, self, indices, out);
     }
 
     /// Look up `indices` into a new vector of `indices.len() * dim` elements (f32 or the
     /// table's dtype). For repeated large lookups, [`Table::lookup_into`] with a reused buffer
     /// is faster: a fresh buffer's pages are faulted in (and zeroed by the OS) on first write.
     pub fn lookup<I: Index, O: Element>(&self, indices: &[I]) -> Result<Vec<O>> {
+        // Everything is checked before the output is allocated: a bad index is reported as
+        // such, not as an output too large to allocate (or a panic).
+        let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
+        index::validate(indices, self.rows())?;
         let len = indices
             .len()
             .checked_mul(self.dim())
             .ok_or_else(|| Error::InvalidArgument("output size overflows".into()))?;
         // Zeroed by the allocator (fresh pages from the OS for large outputs): no extra pass.
-        let mut out = bytemuck::zeroed_vec::<O>(len);
-        self.lookup_into(indices, &mut out)?;
+        let mut out = bytemuck::try_zeroed_vec::<O>(len).map_err(|()| {
+            Error::InvalidArgument(format!(
+                "an output of {} × {} {} cannot be allocated",
+                indices.len(),
+                self.dim(),
+                O::DTYPE
+            ))
+        })?;
+        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(&mut out));
         Ok(out)
     }
 }

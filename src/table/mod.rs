@@ -157,7 +157,7 @@ impl Table<'static> {
 
     /// A table holding a copy of `data` (`rows * dim` elements, row-major).
     pub fn from_slice<T: Element>(data: &[T], rows: usize, dim: usize) -> Result<Self> {
-        check_len(data.len(), rows, dim)?;
+        check_len(data.len(), rows, dim, T::DTYPE)?;
         let mut t = Table::zeros(rows, dim, T::DTYPE)?;
         t.bytes_mut_unchecked()
             .copy_from_slice(bytemuck::cast_slice(data));
@@ -241,6 +241,8 @@ impl Table<'static> {
                 format!("tensor {} is not 2-D (rows × dim)", entry.describe()),
             ));
         };
+        table_bytes(rows, dim, dtype)
+            .map_err(|e| Error::format(Some(path), format!("tensor {}: {e}", entry.describe())))?;
         let aligned = entry.data.start % dtype.size() == 0;
         let storage = match options.mode {
             OpenMode::Map if aligned => Storage::Map(map, entry.data.clone()),
@@ -286,7 +288,7 @@ impl Table<'static> {
 impl<'a> Table<'a> {
     /// A read-only table over the caller's slice (`rows * dim` elements), without copying.
     pub fn borrowed<T: Element>(data: &'a [T], rows: usize, dim: usize) -> Result<Self> {
-        check_len(data.len(), rows, dim)?;
+        check_len(data.len(), rows, dim, T::DTYPE)?;
         Ok(Table {
             storage: Storage::Borrowed(bytemuck::cast_slice(data)),
             dtype: T::DTYPE,
@@ -299,7 +301,7 @@ impl<'a> Table<'a> {
 
     /// A writable table over the caller's slice, without copying.
     pub fn borrowed_mut<T: Element>(data: &'a mut [T], rows: usize, dim: usize) -> Result<Self> {
-        check_len(data.len(), rows, dim)?;
+        check_len(data.len(), rows, dim, T::DTYPE)?;
         Ok(Table {
             storage: Storage::BorrowedMut(bytemuck::cast_slice_mut(data)),
             dtype: T::DTYPE,
@@ -520,22 +522,25 @@ fn table_dtype(entry: &TensorEntry, path: &Path) -> Result<DType> {
     }
 }
 
+/// The byte size of a `rows × dim` table of `dtype`. Every size a table is used with must fit
+/// an isize: the row count, one row's bytes and all rows' bytes. Empty tables are no exception
+/// (a `(0, 2^62)` or `(2^62, 0)` table holds no bytes but would overflow `row_bytes` or row
+/// arithmetic).
 fn table_bytes(rows: usize, dim: usize, dtype: DType) -> Result<usize> {
-    formats::checked_bytes(&[rows, dim], dtype.size()).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "a table of {rows} × {dim} {dtype} does not fit in memory"
-        ))
-    })
+    let row_fits = formats::checked_bytes(&[dim], dtype.size()).is_some();
+    formats::checked_bytes(&[rows, dim], dtype.size())
+        .filter(|_| row_fits)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "a table of {rows} × {dim} {dtype} does not fit in the address space"
+            ))
+        })
 }
 
-fn check_len(len: usize, rows: usize, dim: usize) -> Result<()> {
-    // Row numbers must fit an isize, as for tables made or read from files (`table_bytes`):
-    // an empty-rowed (dim 0) slice must not make a table of more rows than that.
-    if rows > isize::MAX as usize {
-        return Err(Error::ShapeMismatch(format!(
-            "a table of {rows} rows is larger than the address space"
-        )));
-    }
+fn check_len(len: usize, rows: usize, dim: usize, dtype: DType) -> Result<()> {
+    // The same limits as tables made or read from files: an empty slice must not make a table
+    // of more rows, or wider rows, than that.
+    table_bytes(rows, dim, dtype)?;
     if rows.checked_mul(dim) != Some(len) {
         return Err(Error::ShapeMismatch(format!(
             "{len} elements cannot form a {rows} × {dim} table"

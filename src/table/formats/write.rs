@@ -32,17 +32,25 @@ impl AtomicFile {
         let file_name = dest
             .file_name()
             .ok_or_else(|| Error::format(Some(dest), "not a file path"))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(dest, e))?;
+        // A name taken by a file an earlier, killed process left (process ids repeat, in
+        // containers especially) is skipped, not an error; the stale file is left alone.
+        const ATTEMPTS: usize = 1000;
+        let mut attempt = 0;
+        let (tmp, file) = loop {
+            let tmp = dir.join(format!(
+                ".{}.tmp-{}-{}",
+                file_name.to_string_lossy(),
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            match File::options().write(true).create_new(true).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(Error::io(dest, e)),
+            }
+        };
         Ok(AtomicFile {
             tmp,
             dest: dest.to_path_buf(),
@@ -64,6 +72,11 @@ impl AtomicFile {
         let file = w
             .into_inner()
             .map_err(|e| Error::io(&self.dest, e.into_error()))?;
+        // A file being replaced keeps its permissions (a private output stays private).
+        if let Ok(meta) = fs::metadata(&self.dest) {
+            file.set_permissions(meta.permissions())
+                .map_err(|e| Error::io(&self.dest, e))?;
+        }
         file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
         drop(file);
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
