@@ -6,8 +6,10 @@
 //! idle. Rayon's `current_num_threads` is that of the pool the caller is in, so calling from
 //! inside a user's own pool uses that pool.
 
-/// Total bytes moved below which an operation runs on the calling thread.
-pub(crate) const MIN_PARALLEL_BYTES: usize = 1 << 20;
+/// Total bytes moved below which an operation runs on the calling thread. Measured with
+/// `cargo bench --bench lookup -- lookup_cache` (BENCHMARKS.md): a 4096-row f32 lookup of dim
+/// 64 (2 MiB moved) is faster on one thread than split over two.
+pub(crate) const MIN_PARALLEL_BYTES: usize = 4 << 20;
 
 /// Smallest piece of work (bytes moved) handed to a rayon task.
 pub(crate) const MIN_TASK_BYTES: usize = 256 << 10;
