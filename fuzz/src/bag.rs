@@ -215,7 +215,7 @@ impl Ctx<'_> {
                 let k = *k as usize % 9;
                 let bounds = if k == 0 {
                     Err(Expect::FixedZero)
-                } else if n % k != 0 {
+                } else if !n.is_multiple_of(k) {
                     Err(Expect::Shape)
                 } else {
                     Ok((0..n / k).map(|b| (b * k, (b + 1) * k)).collect())
