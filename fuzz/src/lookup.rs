@@ -262,7 +262,7 @@ fn with_table<T: Element>(input: &Input, bytes: &[u8], ty: Ty, rows: usize, dim:
 }
 
 /// The value each spec stands for (wrapped into the index type by `cast`).
-fn spec_value(s: IndexSpec, rows: usize) -> i128 {
+pub fn spec_value(s: IndexSpec, rows: usize) -> i128 {
     let r = rows as i128;
     match s {
         IndexSpec::InRange(n) if rows > 0 => n as i128 % r,
