@@ -5,6 +5,7 @@
 //! `EMB_BENCH=full cargo bench --bench lookup` adds every dim, dtype and batch size.
 //! Throughput is in elements = rows looked up (for memcpy: rows of the same size copied).
 
+use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -15,7 +16,10 @@ fn full() -> bool {
     std::env::var("EMB_BENCH").is_ok_and(|v| v == "full")
 }
 
-/// Engine, naive loop and memcpy on one workload, in one criterion group.
+/// Engine, naive loop and memcpy on one workload, in one criterion group. Every contender
+/// gets its arguments through `black_box`, as a call with run-time arguments would: otherwise
+/// the compiler hoists the naive loop's set-up (the division by `dim`, the bounds checks) out
+/// of the timing loop, which no real caller gets.
 fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i64], label: &str) {
     let dim = table.dim();
     let batch = indices.len();
@@ -25,13 +29,26 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
     let mut out = vec![0.0f32; batch * dim];
     group.bench_function(
         BenchmarkId::new(format!("engine/{}", kernels::Isa::detect().name()), label),
-        |b| b.iter(|| table.lookup_into(indices, &mut out).unwrap()),
+        |b| {
+            b.iter(|| {
+                table
+                    .lookup_into(black_box(indices), black_box(&mut out[..]))
+                    .unwrap()
+            })
+        },
     );
     if table.dtype() == DType::F32 {
         let t = table.as_slice::<f32>().unwrap();
         if batch <= 4096 {
             group.bench_function(BenchmarkId::new("naive_serial", label), |b| {
-                b.iter(|| naive_serial(t, dim, indices, &mut out))
+                b.iter(|| {
+                    naive_serial(
+                        black_box(t),
+                        black_box(dim),
+                        black_box(indices),
+                        black_box(&mut out),
+                    )
+                })
             });
         }
         if batch >= 4096 {
@@ -44,7 +61,7 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
     let src = vec![1.0f32; batch * dim];
     group.bench_function(BenchmarkId::new("memcpy", label), |b| {
         if batch < 4096 {
-            b.iter(|| out.copy_from_slice(&src))
+            b.iter(|| black_box(&mut out[..]).copy_from_slice(black_box(&src)))
         } else {
             b.iter(|| {
                 workload::parallel_memcpy(

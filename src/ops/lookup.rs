@@ -115,7 +115,7 @@ impl Table<'_> {
 }
 
 /// Up to this many rows, a copy per row beats the fixed cost of the block kernels (measured
-/// with `cargo run --release --example overhead`).
+/// with `cargo bench --bench lookup -- lookup_small_batch`).
 const FEW_ROWS: usize = 64;
 
 /// Copy a few validated rows, one `copy_from_slice` each.
