@@ -48,7 +48,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::bag::{BagBlock, BagKernels, Pool};
-use crate::kernels::DEFAULT_PREFETCH_DISTANCE;
+use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::ops::lookup::{check_output_len, Conversion};
 use crate::ops::renorm::{renorm_in_place_validated, MaxNorm};
 use crate::parallel;
@@ -604,7 +604,8 @@ impl<I: Index, F: Index> Job<'_, I, F> {
     fn run<O: Element>(&self, range: std::ops::Range<usize>, out: &mut [O]) {
         let dim = self.table.dim();
         let row_of = |i: &I| i.as_wrapped_u64() as usize; // validated: 0 <= i < rows
-        let mut rows: Vec<usize> = Vec::with_capacity(BLOCK + DEFAULT_PREFETCH_DISTANCE);
+        let prefetch = prefetch_distance();
+        let mut rows: Vec<usize> = Vec::with_capacity(BLOCK + MAX_PREFETCH_DISTANCE);
         let mut bag_bounds: Vec<usize> = Vec::with_capacity(BLOCK + 1);
         let mut kept_weights: Vec<f32> = Vec::new();
         let mut b = range.start;
@@ -643,7 +644,7 @@ impl<I: Index, F: Index> Job<'_, I, F> {
                 }
             }
             // Rows after the block, only prefetched (they may belong to no bag: harmless).
-            let ahead = (end_pos + DEFAULT_PREFETCH_DISTANCE).min(self.indices.len());
+            let ahead = (end_pos + prefetch).min(self.indices.len());
             rows.extend(self.indices[end_pos..ahead].iter().map(row_of));
             let weights = match (self.weights, self.padding) {
                 (None, _) => None,
@@ -654,6 +655,7 @@ impl<I: Index, F: Index> Job<'_, I, F> {
                 rows: &rows,
                 bounds: &bag_bounds,
                 weights,
+                prefetch,
             };
             let out = &mut out[(first - range.start) * dim..(b - range.start) * dim];
             self.call(&block, out);

@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use super::{f32_to_bf16_bits, BagBlock, Pool};
 use crate::kernels::gather::scalar::bf16_to_f32;
-use crate::kernels::{prefetch_read, DEFAULT_PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// f32 lanes per vector.
 const LANES: usize = 8;
@@ -268,7 +268,12 @@ unsafe fn bags<T: Copy, O, L, LO, S, SO, const MODE: u8>(
             end,
             weights,
             col,
-            prefetch_bytes: if first { row_bytes } else { 0 },
+            prefetch_bytes: if first && block.prefetch > 0 {
+                row_bytes
+            } else {
+                0
+            },
+            prefetch_distance: block.prefetch,
         };
         let mut v0 = 0;
         while v0 < vecs {
@@ -327,8 +332,10 @@ struct Pass<'a, T> {
     weights: *const f32,
     /// First column of the block.
     col: usize,
-    /// Bytes to prefetch from the row `DEFAULT_PREFETCH_DISTANCE` entries ahead (0: none).
+    /// Bytes to prefetch from the row `prefetch_distance` entries ahead (0: none).
     prefetch_bytes: usize,
+    /// Entries ahead of the current one whose row is prefetched.
+    prefetch_distance: usize,
 }
 
 impl<T: Copy> Pass<'_, T> {
@@ -424,7 +431,7 @@ impl<T: Copy> Pass<'_, T> {
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         if self.prefetch_bytes != 0 {
-            if let Some(&ahead) = self.rows.get(i + DEFAULT_PREFETCH_DISTANCE) {
+            if let Some(&ahead) = self.rows.get(i + self.prefetch_distance) {
                 prefetch_read(
                     self.table.wrapping_add(ahead * self.dim) as *const u8,
                     self.prefetch_bytes,

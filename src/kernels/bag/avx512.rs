@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::{BagBlock, Pool};
-use crate::kernels::{prefetch_read, DEFAULT_PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// f32 lanes per vector.
 const LANES: usize = 16;
@@ -260,7 +260,12 @@ unsafe fn bags<T, O, const MODE: u8>(
                 weights,
                 col: v0 * LANES,
                 last,
-                prefetch_bytes: if v0 == 0 { row_bytes } else { 0 },
+                prefetch_bytes: if v0 == 0 && block.prefetch > 0 {
+                    row_bytes
+                } else {
+                    0
+                },
+                prefetch_distance: block.prefetch,
             };
             // SAFETY: `out` holds every bag of the block; this pass writes the `n` vectors at
             // `b * dim + v0 * LANES`, the last one masked to the row's end.
@@ -301,8 +306,10 @@ struct Pass<'a, T> {
     col: usize,
     /// Lanes of the block's last vector that lie inside the row.
     last: __mmask16,
-    /// Bytes to prefetch from the row `DEFAULT_PREFETCH_DISTANCE` entries ahead (0: none).
+    /// Bytes to prefetch from the row `prefetch_distance` entries ahead (0: none).
     prefetch_bytes: usize,
+    /// Entries ahead of the current one whose row is prefetched.
+    prefetch_distance: usize,
 }
 
 impl<T> Pass<'_, T> {
@@ -367,7 +374,7 @@ impl<T> Pass<'_, T> {
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         if self.prefetch_bytes != 0 {
-            if let Some(&ahead) = self.rows.get(i + DEFAULT_PREFETCH_DISTANCE) {
+            if let Some(&ahead) = self.rows.get(i + self.prefetch_distance) {
                 prefetch_read(
                     self.table.wrapping_add(ahead * self.dim) as *const u8,
                     self.prefetch_bytes,

@@ -7,8 +7,7 @@
 //! a block of dimensions at a time (up to eight vectors), reading every entry's row once per
 //! block; f16/bf16 rows are widened on load, a per-sample weight is fused as an FMA, and the
 //! mean's division and the rounding to a 16-bit output happen at the single store. The row
-//! numbers after `bounds[bags]` (up to [`DEFAULT_PREFETCH_DISTANCE`](super::DEFAULT_PREFETCH_DISTANCE)) are
-//! only prefetched, so prefetching runs ahead across block boundaries.
+//! numbers after `bounds[bags]` (up to `prefetch` of them) are only prefetched, so prefetching runs ahead across block boundaries.
 //!
 //! Every kernel computes each output element in the same order as the scalar reference
 //! (entries in bag order, starting from +0.0; max starting from the first entry), so results
@@ -40,12 +39,14 @@ pub enum Pool {
 /// A block of bags, reduced to row numbers.
 #[derive(Clone, Copy, Debug)]
 pub struct BagBlock<'a> {
-    /// Row numbers: the bags' entries, then up to `DEFAULT_PREFETCH_DISTANCE` rows only prefetched.
+    /// Row numbers: the bags' entries, then up to `prefetch` rows only prefetched.
     pub rows: &'a [usize],
     /// `bags + 1` non-decreasing positions in `rows`: bag `b` is `rows[bounds[b]..bounds[b+1]]`.
     pub bounds: &'a [usize],
     /// Per-entry weights aligned with `rows` (at least `bounds[bags]` of them), `Sum` only.
     pub weights: Option<&'a [f32]>,
+    /// How many entries ahead of the one being pooled to prefetch (0: none).
+    pub prefetch: usize,
 }
 
 impl BagBlock<'_> {
@@ -281,6 +282,7 @@ mod tests {
                         rows: &ids,
                         bounds: &bounds,
                         weights: weighted.then_some(&weights[..]),
+                        prefetch: DEFAULT_PREFETCH_DISTANCE,
                     };
                     let n = b.bags() * dim;
                     let mut want = vec![f32::from_bits(0xdead); n + 1];
@@ -326,6 +328,7 @@ mod tests {
                             rows: &ids,
                             bounds: &bounds,
                             weights: weighted.then_some(&weights[..]),
+                            prefetch: DEFAULT_PREFETCH_DISTANCE,
                         };
                         let n = b.bags() * dim;
                         let what = format!(
@@ -377,6 +380,7 @@ mod tests {
             rows: &rows,
             bounds: &bounds,
             weights: None,
+            prefetch: DEFAULT_PREFETCH_DISTANCE,
         };
         let mut out = [9.0f32; 8];
         let k = BagKernels::for_isa(Isa::Scalar).unwrap();
@@ -397,6 +401,7 @@ mod tests {
             rows: &[0, 2],
             bounds: &[0, 2],
             weights: None,
+            prefetch: DEFAULT_PREFETCH_DISTANCE,
         };
         // SAFETY: as above, one bag.
         unsafe { (k.f32)(&table, 2, &later_nan, Pool::Max, &mut out) };
@@ -405,6 +410,7 @@ mod tests {
             rows: &[0, 1],
             bounds: &[0, 2],
             weights: Some(&[2.0, -1.0]),
+            prefetch: DEFAULT_PREFETCH_DISTANCE,
         };
         // SAFETY: as above, one bag.
         unsafe { (k.f32)(&table, 2, &weighted, Pool::Sum, &mut out) };

@@ -11,7 +11,7 @@ use wide::{f32x8, u32x8};
 
 use super::{f32_to_bf16_bits, BagBlock, Pool};
 use crate::kernels::gather::scalar::bf16_to_f32;
-use crate::kernels::{prefetch_read, DEFAULT_PREFETCH_DISTANCE};
+use crate::kernels::prefetch_read;
 
 /// f32 lanes per vector.
 const LANES: usize = 8;
@@ -180,7 +180,12 @@ fn pool_rows<T: Copy, O, L, LO, S, SO>(
             weights,
             max,
             col,
-            prefetch_bytes: if first { row_bytes } else { 0 },
+            prefetch_bytes: if first && block.prefetch > 0 {
+                row_bytes
+            } else {
+                0
+            },
+            prefetch_distance: block.prefetch,
         };
         let dst = &mut out[b * dim..(b + 1) * dim];
         let mut v0 = 0;
@@ -232,6 +237,8 @@ struct Pass<'a, T> {
     max: bool,
     col: usize,
     prefetch_bytes: usize,
+    /// Entries ahead of the current one whose row is prefetched.
+    prefetch_distance: usize,
 }
 
 impl<T: Copy> Pass<'_, T> {
@@ -297,7 +304,7 @@ impl<T: Copy> Pass<'_, T> {
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         if self.prefetch_bytes != 0 {
-            if let Some(&ahead) = self.lookahead.get(i + DEFAULT_PREFETCH_DISTANCE) {
+            if let Some(&ahead) = self.lookahead.get(i + self.prefetch_distance) {
                 prefetch_read(
                     self.table.as_ptr().wrapping_add(ahead * self.dim) as *const u8,
                     self.prefetch_bytes,
