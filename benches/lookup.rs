@@ -39,7 +39,7 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
     );
     if table.dtype() == DType::F32 {
         let t = table.as_slice::<f32>().unwrap();
-        if batch <= 4096 {
+        if batch <= 1 << 14 {
             group.bench_function(BenchmarkId::new("naive_serial", label), |b| {
                 b.iter(|| {
                     naive_serial(
@@ -106,6 +106,16 @@ fn cache_resident(c: &mut Criterion) {
         &idx,
         "f32_4096x64_b4096",
     );
+}
+
+/// Mid-sized batches on a hot table, around the size from which work is split over threads
+/// (`parallel::MIN_SPLIT_BYTES`): 1024 rows of 256 bytes move 512 KiB.
+fn split_sizes(c: &mut Criterion) {
+    let table = workload::random_table(4096, 64, DType::F32, 1).unwrap();
+    for batch in [512usize, 1024, 2048, 8192, 16384] {
+        let idx = workload::indices(batch, 4096, Distribution::Uniform, 3);
+        compare(c, "lookup_split", &table, &idx, &format!("b{batch}"));
+    }
 }
 
 /// Small batches on a hot table: per-call overhead.
@@ -213,6 +223,7 @@ fn conversion(c: &mut Criterion) {
 fn groups(c: &mut Criterion) {
     cache_resident(c);
     small_batches(c);
+    split_sizes(c);
     table_sizes(c);
     dtypes(c);
     dims(c);

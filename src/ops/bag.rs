@@ -42,8 +42,6 @@
 //! same bits whatever the thread count: each bag is computed by one kernel call, entries in
 //! order.
 
-use rayon::prelude::*;
-
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
@@ -590,9 +588,12 @@ fn bag_validated<I: Index, F: Index, O: Element>(
                 tasks.push((w[0]..w[1], head));
                 rest = tail;
             }
-            tasks
-                .into_par_iter()
-                .for_each(|(range, out)| job.run(range, out));
+            let job = &job;
+            parallel::run_tasks(
+                tasks
+                    .into_iter()
+                    .map(|(range, out)| move || job.run(range, out)),
+            );
         }
     }
 }

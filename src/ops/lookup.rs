@@ -1,7 +1,5 @@
 //! Lookup: `out[i] = table[indices[i]]`, as `torch.nn.functional.embedding` without renorm.
 
-use rayon::prelude::*;
-
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
@@ -180,13 +178,17 @@ pub(crate) fn gather_validated<I: Index>(
             out_row_bytes,
         )
     };
-    match parallel::chunk_items(indices.len(), table.row_bytes() + out_row_bytes) {
-        None => run(indices, out),
-        Some(chunk) => out
-            .par_chunks_mut(chunk * out_row_bytes)
-            .zip(indices.par_chunks(chunk))
-            .for_each(|(out, indices)| run(indices, out)),
+    let tasks = parallel::task_count(indices.len(), table.row_bytes() + out_row_bytes);
+    if tasks == 1 {
+        return run(indices, out);
     }
+    let chunk = indices.len().div_ceil(tasks);
+    let run = &run;
+    parallel::run_tasks(
+        out.chunks_mut(chunk * out_row_bytes)
+            .zip(indices.chunks(chunk))
+            .map(|(out, indices)| move || run(indices, out)),
+    );
 }
 
 /// Row numbers of one block plus its lookahead, on the stack. Left uninitialised: zeroing

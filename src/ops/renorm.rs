@@ -190,13 +190,14 @@ impl Table<'_> {
             // (it is borrowed shared and `write_back` is false); no copies.
             unsafe { run_blocks(kernel, &job, out_row_bytes, indices, |_, _| Some(0)) }
         };
-        match parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) {
-            None => run(indices, out),
-            Some(chunk) => out
-                .par_chunks_mut(chunk * out_row_bytes)
-                .zip(indices.par_chunks(chunk))
-                .for_each(|(out, indices)| run(indices, out)),
-        }
+        let tasks = parallel::task_count(indices.len(), row_bytes + out_row_bytes);
+        let chunk = indices.len().div_ceil(tasks);
+        let run = &run;
+        parallel::run_tasks(
+            out.chunks_mut(chunk * out_row_bytes)
+                .zip(indices.chunks(chunk))
+                .map(|(out, indices)| move || run(indices, out)),
+        );
         Ok(())
     }
 
