@@ -39,7 +39,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn, COPY_SLOT};
-use crate::kernels::DEFAULT_PREFETCH_DISTANCE;
+use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
 use crate::table::Table;
@@ -183,6 +183,7 @@ impl Table<'_> {
             out_f32: conversion != Conversion::Copy,
             norm: NormKind::new(max_norm.norm_type),
             max_norm: max_norm.max_norm,
+            prefetch: prefetch_distance(),
         };
         let run = |indices: &[I], out: &mut [u8]| {
             let job = job.with_out(out.as_mut_ptr());
@@ -314,6 +315,7 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
         out_f32: conversion != Conversion::Copy,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
+        prefetch: prefetch_distance(),
     };
     let with_out = out.is_some();
     let Some(chunk) = parallel::chunk_items(indices.len(), row_bytes + out_row_bytes) else {
@@ -396,7 +398,7 @@ unsafe fn run_blocks<I: Index>(
     indices: &[I],
     mut select: impl FnMut(usize, usize) -> Option<usize>,
 ) {
-    let mut rows = [0usize; BLOCK + DEFAULT_PREFETCH_DISTANCE];
+    let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
     let mut slots = [0usize; BLOCK];
     let n = indices.len();
     let mut start = 0;
@@ -412,7 +414,7 @@ unsafe fn run_blocks<I: Index>(
                 m += 1;
             }
         }
-        let ahead_end = (end + DEFAULT_PREFETCH_DISTANCE).min(n);
+        let ahead_end = (end + job.prefetch).min(n);
         for (k, &i) in indices[end..ahead_end].iter().enumerate() {
             rows[m + k] = i.as_wrapped_u64() as usize;
         }

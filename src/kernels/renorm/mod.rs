@@ -24,7 +24,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-use super::{prefetch_read, Isa, DEFAULT_PREFETCH_DISTANCE};
+use super::{prefetch_read, Isa};
 use crate::dtype::Element;
 
 /// Which p-norm, as the kernels dispatch on it.
@@ -75,6 +75,9 @@ pub struct RenormJob {
     pub norm: NormKind,
     /// Rows whose norm exceeds this are rescaled.
     pub max_norm: f64,
+    /// How many entries ahead to prefetch (0: none); `rows` holds up to that many after the
+    /// block's `count`.
+    pub prefetch: usize,
 }
 
 /// Set in a slot to copy (or widen) the row to the output as it is, without a norm: for a
@@ -278,8 +281,10 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
     let out_row_bytes = if job.out_f32 { dim * 4 } else { row_bytes };
     let base = job.table;
     for k in 0..count {
-        if let Some(&ahead) = rows.get(k + DEFAULT_PREFETCH_DISTANCE) {
-            prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
+        if job.prefetch > 0 {
+            if let Some(&ahead) = rows.get(k + job.prefetch) {
+                prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
+            }
         }
         // SAFETY: the contract puts every row inside the table and every slot inside the
         // output; in place, this thread alone touches this row during the call.

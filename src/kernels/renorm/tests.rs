@@ -6,6 +6,7 @@
 use half::{bf16, f16};
 
 use super::*;
+use crate::kernels::DEFAULT_PREFETCH_DISTANCE;
 use crate::util::Rng;
 
 const MAX_DIM: usize = 2 * 32 + 1;
@@ -85,6 +86,7 @@ fn run<T: Element>(
         out_f32: setup.out_kind == Some(true),
         norm: setup.norm,
         max_norm: setup.max_norm,
+        prefetch: DEFAULT_PREFETCH_DISTANCE,
     };
     if setup.write_back {
         // In place, rows must be distinct within a call.
@@ -280,6 +282,7 @@ fn scalar_reference_is_the_plain_definition() {
         out_f32: true,
         norm: NormKind::L2,
         max_norm: 1.0,
+        prefetch: DEFAULT_PREFETCH_DISTANCE,
     };
     // SAFETY: rows 1 and 0 of a 2-row table, distinct; slots 0 and 1 inside `out`.
     unsafe { scalar::renorm_rows::<f32>(&job, &[1, 0], &[0, 1], 2) };
@@ -321,6 +324,7 @@ fn copies_after_renorm_in_place_see_the_rescaled_row() {
                     out_f32: true,
                     norm: NormKind::L2,
                     max_norm: 0.5,
+                    prefetch: DEFAULT_PREFETCH_DISTANCE,
                 };
                 // SAFETY: rows below ROWS; renorm entries (rows 5, 4) distinct; copies after
                 // them; slots 0..5 inside `out`; one thread.
