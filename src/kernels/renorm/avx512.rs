@@ -3,16 +3,97 @@
 
 use std::arch::x86_64::*;
 
-use super::{drive, NormKind, RenormJob, RowOps};
+use super::{drive, row_scale, NormKind, RenormJob, RowOps, COPY_SLOT};
 use crate::dtype::Element;
+use crate::kernels::prefetch_read;
 use half::{bf16, f16};
 
 /// # Safety
 /// [`RenormRowsFn`](super::RenormRowsFn)'s contract; the CPU has AVX-512 F, BW, VL and F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(super) unsafe fn renorm_f32(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize) {
-    // SAFETY: forwarded contract; this function has the features `Avx512` uses.
-    unsafe { drive::<f32, Avx512>(job, rows, slots, count) }
+    // SAFETY: forwarded contract; these functions have the features they use.
+    unsafe {
+        match (job.norm, job.dim) {
+            (NormKind::L2, 16) => l2_f32_rows::<1>(job, rows, slots, count),
+            (NormKind::L2, 32) => l2_f32_rows::<2>(job, rows, slots, count),
+            (NormKind::L2, 48) => l2_f32_rows::<3>(job, rows, slots, count),
+            (NormKind::L2, 64) => l2_f32_rows::<4>(job, rows, slots, count),
+            (NormKind::L2, 96) => l2_f32_rows::<6>(job, rows, slots, count),
+            (NormKind::L2, 128) => l2_f32_rows::<8>(job, rows, slots, count),
+            _ => drive::<f32, Avx512>(job, rows, slots, count),
+        }
+    }
+}
+
+/// The common case on its own: f32 rows of `N` whole vectors and the 2-norm. Each row is
+/// loaded once into registers, its norm and scale computed there, and the registers stored:
+/// about 1.5× the generic loop's speed on 1 GiB tables, whose per-row mask, null and norm-kind
+/// checks delayed the loads of later rows. Bit-identical to the generic loop: the same lane
+/// sums, the same reduction tree as [`reduce16`](super::reduce16), the same [`row_scale`].
+///
+/// # Safety
+/// [`RenormRowsFn`](super::RenormRowsFn)'s contract with `job.dim == 16 * N` and
+/// `job.norm == L2`; the CPU has AVX-512 F, BW, VL and F16C.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn l2_f32_rows<const N: usize>(
+    job: &RenormJob,
+    rows: &[usize],
+    slots: &[usize],
+    count: usize,
+) {
+    let dim = N * 16;
+    let row_bytes = dim * 4;
+    let base = job.table as *mut f32;
+    for k in 0..count {
+        if job.prefetch > 0 {
+            if let Some(&ahead) = rows.get(k + job.prefetch) {
+                prefetch_read(job.table.wrapping_add(ahead * row_bytes), row_bytes);
+            }
+        }
+        // SAFETY: the contract puts every row inside the table (`dim` elements) and every slot
+        // inside the output; in place, this thread alone touches this row during the call.
+        unsafe {
+            let src = base.add(*rows.get_unchecked(k) * dim);
+            let slot = *slots.get_unchecked(k);
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, x) in x.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(src.add(v * 16));
+            }
+            if slot & COPY_SLOT == 0 {
+                let mut acc = _mm512_setzero_ps();
+                for x in x {
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(x, x));
+                }
+                // reduce16's tree: lane l + lane l+8, then +4, +2, +1.
+                let a8 = _mm256_add_ps(
+                    _mm512_castps512_ps256(acc),
+                    _mm512_extractf32x8_ps::<1>(acc),
+                );
+                let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
+                let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+                let a1 = _mm_add_ss(a2, _mm_movehdup_ps(a2));
+                if let Some(s) = row_scale::<f32>(_mm_cvtss_f32(a1).sqrt(), job.max_norm) {
+                    let s = _mm512_set1_ps(s);
+                    for x in x.iter_mut() {
+                        *x = _mm512_mul_ps(*x, s);
+                    }
+                    if job.write_back {
+                        for (v, x) in x.iter().enumerate() {
+                            _mm512_storeu_ps(src.add(v * 16), *x);
+                        }
+                    }
+                }
+            }
+            if !job.out.is_null() {
+                let out = job.out.add((slot & !COPY_SLOT) * row_bytes) as *mut f32;
+                for (v, x) in x.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(v * 16), *x);
+                }
+            }
+        }
+    }
 }
 
 /// # Safety

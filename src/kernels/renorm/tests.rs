@@ -10,6 +10,13 @@ use crate::kernels::DEFAULT_PREFETCH_DISTANCE;
 use crate::util::Rng;
 
 const MAX_DIM: usize = 2 * 32 + 1;
+
+/// Every width up to [`MAX_DIM`], then the wider rows with kernels of their own (AVX-512's
+/// register-resident 2-norm rows of 96 and 128) and one beyond them.
+fn widths() -> impl Iterator<Item = usize> {
+    (0..=MAX_DIM).chain([96, 128, 144])
+}
+
 const ROWS: usize = 9;
 
 /// A table whose rows have norms on both sides of 1: row `r` is normal noise times a factor
@@ -109,7 +116,7 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
     let reference = RenormKernels::for_isa(Isa::Scalar).unwrap();
     for isa in Isa::all_available() {
         let k = RenormKernels::for_isa(isa).unwrap();
-        for dim in 0..=MAX_DIM {
+        for dim in widths() {
             let table = table::<T>(dim, &mut rng);
             // Duplicates allowed out of place; a permutation (plus lookahead) in place.
             let dup_rows: Vec<usize> = (0..ROWS * 2 + DEFAULT_PREFETCH_DISTANCE)
