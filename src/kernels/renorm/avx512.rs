@@ -67,10 +67,9 @@ unsafe fn l2_f32_rows<const N: usize>(
                     acc = _mm512_add_ps(acc, _mm512_mul_ps(x, x));
                 }
                 // reduce16's tree: lane l + lane l+8, then +4, +2, +1.
-                let a8 = _mm256_add_ps(
-                    _mm512_castps512_ps256(acc),
-                    _mm512_extractf32x8_ps::<1>(acc),
-                );
+                // The upper half through the f64 view: `extractf32x8` would need AVX-512 DQ.
+                let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc));
+                let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(high));
                 let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
                 let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
                 let a1 = _mm_add_ss(a2, _mm_movehdup_ps(a2));
