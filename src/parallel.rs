@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Total bytes moved below which [`task_count`] keeps an operation on the calling thread.
-/// Measured (`cargo bench --bench lookup -- lookup_split`): splitting an f32 lookup of dim 64
-/// over two threads costs about a microsecond and breaks even at about 384 KiB moved.
+/// Measured with a lower threshold (BENCHMARKS.md, "Splitting work"): splitting an f32 lookup
+/// of dim 64 over two threads costs about a microsecond and broke even at about 384 KiB moved.
 pub(crate) const MIN_SPLIT_BYTES: usize = 512 << 10;
 
 /// Total bytes moved from which [`task_count`] cuts several tasks per thread (below it, one
@@ -26,8 +26,9 @@ pub(crate) const MIN_SPLIT_BYTES: usize = 512 << 10;
 const MIN_BALANCED_BYTES: usize = 16 << 20;
 
 /// Total bytes moved below which [`chunk_items`], for rayon's parallel iterators, keeps work
-/// on the calling thread: they block the caller until the pool
-/// is done, which costs more than [`run_tasks`]' hand-off.
+/// on the calling thread: they block the caller until the pool is done, which costs more than
+/// [`run_tasks`]' hand-off. Used by the operations not yet moved to [`run_tasks`] (gradients,
+/// optimizers, in-place renorm).
 pub(crate) const MIN_PARALLEL_BYTES: usize = 4 << 20;
 
 /// Smallest piece of work (bytes moved) handed to a rayon task.
