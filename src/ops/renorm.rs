@@ -265,9 +265,9 @@ fn owner(row: usize, owners: usize) -> usize {
 /// those whose row it owns: the first such position renorms the row (table and output slot),
 /// later ones copy the renormed row from the table. So every row is read and written by one
 /// thread, every output row is written by one thread, no thread waits for another and nothing
-/// is shared but read-only indices: no atomic claims (a shared claim bitset had the two cores
-/// trading its cache lines) and no second pass. Each task reads all the indices, which are a
-/// small fraction of the bytes moved (8 of the 8 + 2 × 256 per position for f32 rows of 64).
+/// is shared but read-only indices: no atomic claims and no second pass for duplicates. Each
+/// task reads all the indices, a small fraction of the bytes moved (8 of the 8 + 2 × 256 per
+/// position for f32 rows of 64). Two threads are not yet faster than one here (BENCHMARKS.md).
 /// On one thread this is the plain single pass.
 pub(crate) fn renorm_in_place_validated<I: Index>(
     table: &mut Table<'_>,
