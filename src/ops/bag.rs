@@ -290,7 +290,7 @@ impl Table<'_> {
         check_output_len(bounds.bags, self.dim(), out.len())?;
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
-        renorm_in_place_validated(self, indices, None, m);
+        renorm_in_place_validated(self, indices, m);
         bag_validated(
             &BagKernels::detect(),
             conversion,

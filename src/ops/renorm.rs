@@ -2,9 +2,9 @@
 //!
 //! PyTorch first renormalises, in the table itself, every row the indices reference: for each
 //! distinct referenced row, `norm = ||row||_p`; if `norm > m` (strictly) the row is multiplied
-//! by `m / (norm + 1e-7)`. Then it looks the rows up. This module does both in one pass: a row
-//! is read once, its norm computed while it is in cache, and the (rescaled) row written to its
-//! output slot and, in place, back to the table.
+//! by `m / (norm + 1e-7)`. Then it looks the rows up. This module fuses the two: a row's norm is
+//! computed while it is read for the gather, and the (rescaled) row written to its output slot;
+//! in place, the rows that were rescaled are then written back to the table.
 //!
 //! Two modes, chosen explicitly:
 //! - **in place** ([`Table::lookup_renorm_in_place`]), PyTorch's behaviour: the referenced rows
@@ -15,12 +15,14 @@
 //!   output holds what PyTorch would have returned. Works on read-only maps.
 //!
 //! # Exact and parallel
-//! In place, each distinct row is renormed exactly once, by one thread: every thread owns a
-//! share of the table's rows (by a hash of the row number) and walks all positions, handling
-//! those whose row it owns. The first position of a row renorms it (table and output slot),
-//! later ones copy the renormed row. No row and no output slot is touched by two threads, so
-//! results are the same bits whatever the thread count. Output only needs no owners: each
-//! position computes the scale from the row it reads.
+//! In place with a lookup, two steps: the output exactly as output only computes it, noting
+//! the rows it rescaled; then the in-place renorm of those rows. Every output value and every
+//! written row is computed from the original row, as a single pass would, and rows within
+//! `max_norm` (all of them once a table has been renormed, as in training after the first
+//! steps) cost nothing in the second step. The in-place renorm renorms each distinct row
+//! exactly once, by one thread: every thread owns a share of the table's rows (by a hash of
+//! the row number) and walks all positions. Results are the same bits whatever the thread
+//! count.
 //!
 //! # Arithmetic, as PyTorch's `embedding_renorm_`
 //! The norm accumulates in f32 (PyTorch's accumulator type for f32, f16 and bf16) and is
@@ -32,7 +34,7 @@
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
-use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn, COPY_SLOT};
+use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn};
 use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
 use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
@@ -126,12 +128,21 @@ impl Table<'_> {
         check_output_len(indices.len(), self.dim(), out.len())?;
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
-        renorm_in_place_validated(
+        // Two steps, the same bits as one pass (every value comes from the original rows):
+        // the output as output-only computes it, noting the rows it rescaled, then the
+        // in-place renorm of those rows alone. Rows within max_norm, which is all of them once
+        // a table has been renormed, cost nothing in the second step.
+        let rescaled = output_pass(
             self,
             indices,
-            Some((bytemuck::cast_slice_mut(out), conversion)),
+            bytemuck::cast_slice_mut(out),
+            conversion,
             max_norm,
+            true,
         );
+        if !rescaled.is_empty() {
+            renorm_in_place_validated(self, &rescaled, max_norm);
+        }
         Ok(())
     }
 
@@ -160,38 +171,13 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         check_output_len(indices.len(), self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
-        let out: &mut [u8] = bytemuck::cast_slice_mut(out);
-        let dim = self.dim();
-        let row_bytes = self.row_bytes();
-        if row_bytes == 0 || indices.is_empty() {
-            return Ok(());
-        }
-        let out_row_bytes = out.len() / indices.len();
-        let kernel = kernel_for(&RenormKernels::detect(), self.dtype());
-        let job = RenormJob {
-            // Never written: `write_back` is false.
-            table: self.as_bytes().as_ptr() as *mut u8,
-            dim,
-            write_back: false,
-            out: std::ptr::null_mut(),
-            out_f32: conversion != Conversion::Copy,
-            norm: NormKind::new(max_norm.norm_type),
-            max_norm: max_norm.max_norm,
-            prefetch: prefetch_distance(),
-        };
-        let run = |indices: &[I], out: &mut [u8]| {
-            let job = job.with_out(out.as_mut_ptr());
-            // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
-            // (it is borrowed shared and `write_back` is false); no copies.
-            unsafe { run_blocks(kernel, &job, out_row_bytes, indices, |_, _| Some(0)) }
-        };
-        let tasks = parallel::task_count(indices.len(), row_bytes + out_row_bytes);
-        let chunk = indices.len().div_ceil(tasks);
-        let run = &run;
-        parallel::run_tasks(
-            out.chunks_mut(chunk * out_row_bytes)
-                .zip(indices.chunks(chunk))
-                .map(|(out, indices)| move || run(indices, out)),
+        output_pass(
+            self,
+            indices,
+            bytemuck::cast_slice_mut(out),
+            conversion,
+            max_norm,
+            false,
         );
         Ok(())
     }
@@ -202,9 +188,67 @@ impl Table<'_> {
     pub fn renorm_in_place<I: Index>(&mut self, indices: &[I], max_norm: MaxNorm) -> Result<()> {
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
-        renorm_in_place_validated(self, indices, None, max_norm);
+        renorm_in_place_validated(self, indices, max_norm);
         Ok(())
     }
+}
+
+/// The output-only lookup with renorm of validated `indices` into `out` (a row per index, of
+/// the dtype `conversion` gives): each output row is its table row, rescaled if its norm
+/// exceeds `max_norm`; the table is not written. With `record`, returns the rows it rescaled
+/// (one entry per position, so repeated rows repeat).
+fn output_pass<I: Index>(
+    table: &Table<'_>,
+    indices: &[I],
+    out: &mut [u8],
+    conversion: Conversion,
+    max_norm: MaxNorm,
+    record: bool,
+) -> Vec<usize> {
+    let row_bytes = table.row_bytes();
+    if row_bytes == 0 || indices.is_empty() {
+        return Vec::new();
+    }
+    let out_row_bytes = out.len() / indices.len();
+    let kernel = kernel_for(&RenormKernels::detect(), table.dtype());
+    let job = RenormJob {
+        // Never written: `write_back` is false.
+        table: table.as_bytes().as_ptr() as *mut u8,
+        dim: table.dim(),
+        write_back: false,
+        out: std::ptr::null_mut(),
+        out_f32: conversion != Conversion::Copy,
+        norm: NormKind::new(max_norm.norm_type),
+        max_norm: max_norm.max_norm,
+        prefetch: prefetch_distance(),
+        rescaled: std::ptr::null_mut(),
+    };
+    let run = |indices: &[I], out: &mut [u8], found: &mut Vec<usize>| {
+        let job = job.with_out(out.as_mut_ptr());
+        // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
+        // (it is borrowed shared and `write_back` is false); no copies.
+        unsafe {
+            run_blocks(
+                kernel,
+                &job,
+                out_row_bytes,
+                indices,
+                |_, _| Some(0),
+                record.then_some(found),
+            )
+        }
+    };
+    let tasks = parallel::task_count(indices.len(), row_bytes + out_row_bytes);
+    let chunk = indices.len().div_ceil(tasks);
+    let mut found: Vec<Vec<usize>> = (0..tasks).map(|_| Vec::new()).collect();
+    let run = &run;
+    parallel::run_tasks(
+        out.chunks_mut(chunk * out_row_bytes)
+            .zip(indices.chunks(chunk))
+            .zip(found.iter_mut())
+            .map(|((out, indices), found)| move || run(indices, out, found)),
+    );
+    found.concat()
 }
 
 /// The kernel for a table dtype.
@@ -258,21 +302,17 @@ fn owner(row: usize, owners: usize) -> usize {
     ((hash * owners as u64) >> 32) as usize
 }
 
-/// The in-place renorm (and lookup, when `out` is given) for validated indices on a writable
-/// table.
+/// The in-place renorm of the rows validated `indices` reference (no output): each distinct
+/// row rescaled once if its norm exceeds `max_norm`.
 ///
-/// Each of T tasks owns the table rows [`owner`] gives it and walks every position, taking
-/// those whose row it owns: the first such position renorms the row (table and output slot),
-/// later ones copy the renormed row from the table. So every row is read and written by one
-/// thread, every output row is written by one thread, no thread waits for another and nothing
-/// is shared but read-only indices: no atomic claims and no second pass for duplicates. Each
-/// task reads all the indices, a small fraction of the bytes moved (8 of the 8 + 2 × 256 per
-/// position for f32 rows of 64). Two threads are not yet faster than one here (BENCHMARKS.md).
-/// On one thread this is the plain single pass.
+/// Each of T tasks owns the table rows [`owner`] gives it and walks every position, renorming
+/// the first position of each row it owns, so every row is read and written by one thread,
+/// no thread waits for another and nothing is shared but the read-only indices. Each task
+/// reads all the indices, a small fraction of the bytes of the rows. On one thread this is
+/// the plain single pass.
 pub(crate) fn renorm_in_place_validated<I: Index>(
     table: &mut Table<'_>,
     indices: &[I],
-    out: Option<(&mut [u8], Conversion)>,
     max_norm: MaxNorm,
 ) {
     let dim = table.dim();
@@ -282,11 +322,6 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
         return;
     }
     let kernel = kernel_for(&RenormKernels::detect(), table.dtype());
-    let (mut out, conversion) = match out {
-        Some((o, c)) => (Some(o), c),
-        None => (None, Conversion::Copy),
-    };
-    let out_row_bytes = out.as_ref().map_or(0, |o| o.len() / indices.len());
     let job = RenormJob {
         table: table
             .bytes_mut()
@@ -294,35 +329,31 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
             .as_mut_ptr(),
         dim,
         write_back: true,
-        out: out
-            .as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        out_f32: conversion != Conversion::Copy,
+        out: std::ptr::null_mut(),
+        out_f32: false,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
         prefetch: prefetch_distance(),
+        rescaled: std::ptr::null_mut(),
     };
-    let with_out = out.is_some();
-    let owners = match parallel::task_count(indices.len(), row_bytes + out_row_bytes) {
+    // Each row is read and, if rescaled, written: twice its bytes.
+    let owners = match parallel::task_count(indices.len(), 2 * row_bytes) {
         1 => 1, // decided without asking rayon, which would start its pool
         tasks => tasks.min(rayon::current_num_threads()),
     };
     let run = |me: usize| {
         let mut seen = Seen::new(rows, indices.len() / owners);
-        // SAFETY: indices validated; `job.out` (if any) holds a row per index; this task
-        // selects only the positions whose row it owns, so no table row and no output row is
-        // touched by two tasks; within the task a row's first position renorms it and its
-        // later positions (copies) follow it.
+        // SAFETY: indices validated; no output; this task selects only the first position
+        // of each row it owns, so every row is renormed once and touched by one task.
         unsafe {
-            run_blocks(kernel, &job, out_row_bytes, indices, |_, r| {
-                if owners > 1 && owner(r, owners) != me {
-                    None
-                } else if seen.first(r) {
-                    Some(0)
-                } else {
-                    with_out.then_some(COPY_SLOT)
-                }
-            })
+            run_blocks(
+                kernel,
+                &job,
+                0,
+                indices,
+                |_, r| ((owners == 1 || owner(r, owners) == me) && seen.first(r)).then_some(0),
+                None,
+            )
         };
     };
     let run = &run;
@@ -330,12 +361,13 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
 }
 
 /// The block loop on one thread: `select(position, row)` picks the positions handed to the
-/// kernel, with their slot flag (`0` to renorm, [`COPY_SLOT`] to copy); the rows of the next
+/// kernel, with their slot flag (`0` to renorm, [`COPY_SLOT`](crate::kernels::renorm::COPY_SLOT)
+/// to copy); the rows of the next
 /// positions go along for prefetching. `job.out` is the output row of position 0.
 ///
 /// # Safety
 /// `indices` are validated against the table of `job`; `job.out` is null or holds a row of
-/// `out_row_bytes` per index (and then [`COPY_SLOT`] may be selected); the selected entries
+/// `out_row_bytes` per index (and then `COPY_SLOT` may be selected); the selected entries
 /// satisfy [`RenormRowsFn`]'s contract: in place, a renorm entry's row is touched by no other
 /// thread during the call, and a copy entry's row was renormed before (or is not renormed in
 /// this call).
@@ -345,8 +377,10 @@ unsafe fn run_blocks<I: Index>(
     out_row_bytes: usize,
     indices: &[I],
     mut select: impl FnMut(usize, usize) -> Option<usize>,
+    mut rescaled: Option<&mut Vec<usize>>,
 ) {
     let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
+    let mut bits = [0u64; BLOCK / 64];
     let mut slots = [0usize; BLOCK];
     let n = indices.len();
     let mut start = 0;
@@ -366,13 +400,28 @@ unsafe fn run_blocks<I: Index>(
         for (k, &i) in indices[end..ahead_end].iter().enumerate() {
             rows[m + k] = i.as_wrapped_u64() as usize;
         }
-        let block_job = job.with_out(if job.out.is_null() {
+        let mut block_job = job.with_out(if job.out.is_null() {
             job.out
         } else {
             job.out.wrapping_add(start * out_row_bytes)
         });
-        // SAFETY: the caller's contract; `m` slots inside this block's output rows, distinct.
+        if rescaled.is_some() {
+            bits = [0; BLOCK / 64];
+            block_job.rescaled = bits.as_mut_ptr();
+        }
+        // SAFETY: the caller's contract; `m` slots inside this block's output rows, distinct;
+        // `bits` has a bit for each of the block's positions.
         unsafe { kernel(&block_job, &rows[..m + ahead_end - end], &slots[..m], m) };
+        if let Some(found) = rescaled.as_deref_mut() {
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let p = w * 64 + word.trailing_zeros() as usize;
+                    found.push(indices[start + p].as_wrapped_u64() as usize);
+                    word &= word - 1;
+                }
+            }
+        }
         start = end;
     }
 }

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{drive, row_scale, NormKind, RenormJob, RowOps, COPY_SLOT};
+use super::{drive, mark_rescaled, row_scale, NormKind, RenormJob, RowOps, COPY_SLOT};
 use crate::dtype::Element;
 use crate::kernels::prefetch_read;
 use half::{bf16, f16};
@@ -74,6 +74,7 @@ unsafe fn l2_f32_rows<const N: usize>(
                 let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
                 let a1 = _mm_add_ss(a2, _mm_movehdup_ps(a2));
                 if let Some(s) = row_scale::<f32>(_mm_cvtss_f32(a1).sqrt(), job.max_norm) {
+                    mark_rescaled(job, slot);
                     let s = _mm512_set1_ps(s);
                     for x in x.iter_mut() {
                         *x = _mm512_mul_ps(*x, s);

@@ -78,6 +78,10 @@ pub struct RenormJob {
     /// How many entries ahead to prefetch (0: none); `rows` holds up to that many after the
     /// block's `count`.
     pub prefetch: usize,
+    /// Unless null, a bitset with a bit per output slot: the kernel sets the bit of every
+    /// entry whose row it rescaled (in place or not), so that a caller can write back later
+    /// exactly the rows that needed it.
+    pub rescaled: *mut u64,
 }
 
 /// Set in a slot to copy (or widen) the row to the output as it is, without a norm: for a
@@ -112,6 +116,8 @@ unsafe impl Sync for RenormJob {}
 /// - If `job.write_back`, the rows of entries without [`COPY_SLOT`] are distinct, the table
 ///   is writable, and no other thread reads or writes these rows during the call; otherwise
 ///   no thread writes the rows during the call.
+/// - Unless `job.rescaled` is null, it is valid for writes of `max(slots[..count]) / 64 + 1`
+///   words (slots taken without [`COPY_SLOT`]).
 /// - The CPU supports the kernel's instruction set.
 pub type RenormRowsFn = unsafe fn(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize);
 
@@ -263,6 +269,18 @@ pub(crate) unsafe trait RowOps<T: Element> {
     unsafe fn copy(src: *const T, dim: usize, out: *mut u8, out_f32: bool);
 }
 
+/// Set `slot`'s bit in `job.rescaled`, unless that is null.
+///
+/// # Safety
+/// [`RenormRowsFn`]'s contract for `job.rescaled`; `slot` is one of the call's slots.
+#[inline(always)]
+pub(crate) unsafe fn mark_rescaled(job: &RenormJob, slot: usize) {
+    if !job.rescaled.is_null() {
+        // SAFETY: the contract makes the word of every slot writable.
+        unsafe { *job.rescaled.add(slot / 64) |= 1 << (slot % 64) };
+    }
+}
+
 /// The block loop shared by every instruction set: prefetch ahead, norm, decide, write.
 /// Inlined into each level's `#[target_feature]` function so that the whole loop compiles
 /// for that level.
@@ -310,6 +328,7 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
             };
             match row_scale::<T>(norm, job.max_norm) {
                 Some(s) => {
+                    mark_rescaled(job, slot);
                     let table = if job.write_back {
                         src
                     } else {

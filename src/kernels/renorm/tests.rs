@@ -94,6 +94,7 @@ fn run<T: Element>(
         norm: setup.norm,
         max_norm: setup.max_norm,
         prefetch: DEFAULT_PREFETCH_DISTANCE,
+        rescaled: std::ptr::null_mut(),
     };
     if setup.write_back {
         // In place, rows must be distinct within a call.
@@ -290,6 +291,7 @@ fn scalar_reference_is_the_plain_definition() {
         norm: NormKind::L2,
         max_norm: 1.0,
         prefetch: DEFAULT_PREFETCH_DISTANCE,
+        rescaled: std::ptr::null_mut(),
     };
     // SAFETY: rows 1 and 0 of a 2-row table, distinct; slots 0 and 1 inside `out`.
     unsafe { scalar::renorm_rows::<f32>(&job, &[1, 0], &[0, 1], 2) };
@@ -332,6 +334,7 @@ fn copies_after_renorm_in_place_see_the_rescaled_row() {
                     norm: NormKind::L2,
                     max_norm: 0.5,
                     prefetch: DEFAULT_PREFETCH_DISTANCE,
+                    rescaled: std::ptr::null_mut(),
                 };
                 // SAFETY: rows below ROWS; renorm entries (rows 5, 4) distinct; copies after
                 // them; slots 0..5 inside `out`; one thread.
