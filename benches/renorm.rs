@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench renorm` runs two groups (under two minutes in all):
 //! - `renorm_1gib`: the workload, a 4M × 64 f32 table (1 GiB), 1M uniform random
-//!   indices, 2 threads. `lookup` is the baseline; `output_only` and `in_place` are the fused
-//!   renorm; `two_pass` renorms in place and then looks up, for comparison with fusion. Every
+//!   indices, 2 threads. `lookup` is the baseline; `output_only` is the fused renorm;
+//!   `in_place` is the fused output pass plus the write-back of the rows it rescaled;
+//!   `two_pass` renorms in place and then looks up, for comparison. Every
 //!   referenced row is rescaled in every iteration (max_norm shrinks a little each time), the
 //!   worst case: each row is also written back to the table.
 //! - `renorm_small`: 64K × 64 f32 and f16 tables (16 / 8 MiB, mostly cache-resident) with
