@@ -294,8 +294,7 @@ impl Seen {
 
 /// Which of `owners` threads renorms `row` in place: a multiplicative hash, so that the hot
 /// rows of a skewed distribution (which tend to be neighbours) spread over the threads, mapped
-/// to `0..owners` by a multiply and a shift (a division per position cost more than the rest
-/// of the selection).
+/// to `0..owners` by a multiply and a shift rather than a division per position.
 #[inline(always)]
 fn owner(row: usize, owners: usize) -> usize {
     let hash = (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
