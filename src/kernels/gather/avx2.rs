@@ -32,6 +32,16 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
                 let head = dst.align_offset(32).min(row_bytes);
                 std::ptr::copy_nonoverlapping(src, dst, head);
                 off = head;
+                // Loads before stores (see `avx512::copy_row_stream`).
+                while off + 256 <= row_bytes {
+                    let v: [__m256i; 8] = std::array::from_fn(|k| {
+                        _mm256_loadu_si256(src.add(off + 32 * k) as *const __m256i)
+                    });
+                    for (k, v) in v.into_iter().enumerate() {
+                        _mm256_stream_si256(dst.add(off + 32 * k) as *mut __m256i, v);
+                    }
+                    off += 256;
+                }
                 while off + 32 <= row_bytes {
                     let a = _mm256_loadu_si256(src.add(off) as *const __m256i);
                     _mm256_stream_si256(dst.add(off) as *mut __m256i, a);

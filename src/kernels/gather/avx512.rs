@@ -90,6 +90,14 @@ unsafe fn copy_row_stream(src: *const u8, dst: *mut u8, n: usize) {
         let mut off = head;
         // Four loads, then four stores: a streaming store issued right behind its own load
         // halved the rows/s of random 256-byte rows (BENCHMARKS.md, "Streaming stores").
+        while off + 1024 <= n {
+            let v: [__m512i; 16] =
+                std::array::from_fn(|k| _mm512_loadu_si512(src.add(off + 64 * k) as *const _));
+            for (k, v) in v.into_iter().enumerate() {
+                _mm512_stream_si512(dst.add(off + 64 * k) as *mut _, v);
+            }
+            off += 1024;
+        }
         while off + 256 <= n {
             let a = _mm512_loadu_si512(src.add(off) as *const _);
             let b = _mm512_loadu_si512(src.add(off + 64) as *const _);
@@ -206,18 +214,6 @@ unsafe fn widen_rows<const STREAM: bool>(
                     masked(0, head);
                 }
                 j = head;
-                // Loads before stores, as in `copy_row_stream`.
-                while j + 64 <= dim {
-                    let a = _mm256_loadu_si256(src.add(j) as *const __m256i);
-                    let b = _mm256_loadu_si256(src.add(j + 16) as *const __m256i);
-                    let c = _mm256_loadu_si256(src.add(j + 32) as *const __m256i);
-                    let d = _mm256_loadu_si256(src.add(j + 48) as *const __m256i);
-                    _mm512_stream_ps(dst.add(j), widen(a));
-                    _mm512_stream_ps(dst.add(j + 16), widen(b));
-                    _mm512_stream_ps(dst.add(j + 32), widen(c));
-                    _mm512_stream_ps(dst.add(j + 48), widen(d));
-                    j += 64;
-                }
                 while j + 16 <= dim {
                     let a = _mm256_loadu_si256(src.add(j) as *const __m256i);
                     _mm512_stream_ps(dst.add(j), widen(a));
