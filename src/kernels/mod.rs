@@ -59,6 +59,17 @@ pub fn streaming_threshold() -> usize {
     STREAMING_THRESHOLD.load(Ordering::Relaxed)
 }
 
+/// Whether to write an output of `out_rows` rows of `out_row_bytes` bytes starting at `out`
+/// with streaming stores: it is at least [`streaming_threshold`] bytes (too large to be read
+/// back from cache), and its rows are whole, aligned cache lines (a row's partial lines would
+/// otherwise mix streaming and ordinary stores).
+#[inline]
+pub(crate) fn use_streaming_stores(out: *const u8, out_rows: usize, out_row_bytes: usize) -> bool {
+    out_rows.saturating_mul(out_row_bytes) >= streaming_threshold()
+        && out_row_bytes.is_multiple_of(64)
+        && (out as usize).is_multiple_of(64)
+}
+
 /// An instruction-set level the kernels are written for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {

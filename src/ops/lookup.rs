@@ -4,7 +4,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::gather::GatherKernels;
-use crate::kernels::{prefetch_distance, streaming_threshold, MAX_PREFETCH_DISTANCE};
+use crate::kernels::{prefetch_distance, use_streaming_stores, MAX_PREFETCH_DISTANCE};
 use crate::parallel;
 use crate::table::Table;
 
@@ -160,12 +160,7 @@ pub(crate) fn gather_validated<I: Index>(
         return;
     }
     let table_bytes = table.as_bytes();
-    // An output larger than the last-level cache will not be read back from cache: stream it,
-    // when its rows are whole aligned cache lines (otherwise a row's partial lines would mix
-    // streaming and ordinary stores).
-    let stream = indices.len() * out_row_bytes >= streaming_threshold()
-        && out_row_bytes.is_multiple_of(64)
-        && (out.as_ptr() as usize).is_multiple_of(64);
+    let stream = use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes);
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,

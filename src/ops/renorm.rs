@@ -35,7 +35,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
 use crate::kernels::renorm::{NormKind, RenormJob, RenormKernels, RenormRowsFn};
-use crate::kernels::{prefetch_distance, MAX_PREFETCH_DISTANCE};
+use crate::kernels::{prefetch_distance, use_streaming_stores, MAX_PREFETCH_DISTANCE};
 use crate::ops::lookup::{check_output_len, Conversion};
 use crate::parallel;
 use crate::table::Table;
@@ -218,6 +218,7 @@ fn output_pass<I: Index>(
         write_back: false,
         out: std::ptr::null_mut(),
         out_f32: conversion != Conversion::Copy,
+        stream_out: use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes),
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
         prefetch: prefetch_distance(),
@@ -330,6 +331,7 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
         write_back: true,
         out: std::ptr::null_mut(),
         out_f32: false,
+        stream_out: false,
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
         prefetch: prefetch_distance(),

@@ -89,10 +89,19 @@ unsafe fn l2_f32_rows<const N: usize>(
             if !job.out.is_null() {
                 let out = job.out.add((slot & !COPY_SLOT) * row_bytes) as *mut f32;
                 for (v, x) in x.iter().enumerate() {
-                    _mm512_storeu_ps(out.add(v * 16), *x);
+                    if job.stream_out {
+                        // Aligned: the job's contract for `stream_out`.
+                        _mm512_stream_ps(out.add(v * 16), *x);
+                    } else {
+                        _mm512_storeu_ps(out.add(v * 16), *x);
+                    }
                 }
             }
         }
+    }
+    if job.stream_out {
+        // Order the streamed rows before whatever the caller writes next.
+        _mm_sfence();
     }
 }
 

@@ -71,6 +71,10 @@ pub struct RenormJob {
     pub out: *mut u8,
     /// Output rows are f32 (widened); otherwise they have the table's dtype.
     pub out_f32: bool,
+    /// Write output rows with streaming stores where a kernel has them (the AVX-512 f32
+    /// 2-norm rows); the others ignore it. Only when `out` is 64-byte aligned and output rows
+    /// are whole cache lines ([`use_streaming_stores`](crate::kernels::use_streaming_stores)).
+    pub stream_out: bool,
     /// The norm.
     pub norm: NormKind,
     /// Rows whose norm exceeds this are rescaled.
@@ -116,6 +120,8 @@ unsafe impl Sync for RenormJob {}
 /// - If `job.write_back`, the rows of entries without [`COPY_SLOT`] are distinct, the table
 ///   is writable, and no other thread reads or writes these rows during the call; otherwise
 ///   no thread writes the rows during the call.
+/// - If `job.stream_out`, `job.out` is 64-byte aligned and an output row is a multiple of
+///   64 bytes.
 /// - Unless `job.rescaled` is null, it is valid for writes of `max(slots[..count]) / 64 + 1`
 ///   words (slots taken without [`COPY_SLOT`]).
 /// - The CPU supports the kernel's instruction set.

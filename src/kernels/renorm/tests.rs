@@ -60,6 +60,8 @@ struct Setup {
     out_kind: Option<bool>,
     max_norm: f64,
     copy_only: bool,
+    /// Streaming stores for the output (only where output rows are whole cache lines).
+    stream_out: bool,
 }
 
 /// Run one kernel over `rows` with a fresh copy of `table`; return (table after, output).
@@ -80,8 +82,11 @@ fn run<T: Element>(
     let flag = if setup.copy_only { COPY_SLOT } else { 0 };
     let slots: Vec<usize> = (0..count).rev().map(|s| s | flag).collect();
     let out_len = count * dim * out_size;
-    // f32-aligned storage for the output bytes, filled with a pattern no kernel writes.
-    let mut out_words = vec![0xA5A5_A5A5u32; out_len.div_ceil(4)];
+    // 64-byte aligned storage for the output bytes (streaming stores need it), filled with a
+    // pattern no kernel writes.
+    let mut out_words = vec![0xA5A5_A5A5u32; out_len.div_ceil(4) + 16];
+    let align = out_words.as_ptr().align_offset(64);
+    let out_words = &mut out_words[align..align + out_len.div_ceil(4)];
     let job = RenormJob {
         table: t.as_mut_ptr() as *mut u8,
         dim,
@@ -91,6 +96,7 @@ fn run<T: Element>(
             Some(_) => out_words.as_mut_ptr() as *mut u8,
         },
         out_f32: setup.out_kind == Some(true),
+        stream_out: setup.stream_out,
         norm: setup.norm,
         max_norm: setup.max_norm,
         prefetch: DEFAULT_PREFETCH_DISTANCE,
@@ -106,7 +112,7 @@ fn run<T: Element>(
     // SAFETY: rows below ROWS, slots distinct and inside `out_words`, one thread.
     unsafe { kernel(&job, rows, &slots, count) };
     let out = match setup.out_kind {
-        Some(_) => bytemuck::cast_slice::<u32, u8>(&out_words)[..out_len].to_vec(),
+        Some(_) => bytemuck::cast_slice::<u32, u8>(out_words)[..out_len].to_vec(),
         None => Vec::new(),
     };
     (bytes_of(&t), out)
@@ -142,6 +148,7 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                             out_kind,
                             max_norm: 1.0,
                             copy_only,
+                            stream_out: false,
                         };
                         let want = run(pick(&reference), &table, dim, rows, count, setup);
                         let got = run(pick(&k), &table, dim, rows, count, setup);
@@ -152,6 +159,24 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                             k.name(),
                             T::DTYPE
                         );
+                        let out_row_bytes = match out_kind {
+                            Some(true) => 4 * dim,
+                            _ => dim * std::mem::size_of::<T>(),
+                        };
+                        if out_kind.is_some() && out_row_bytes % 64 == 0 {
+                            let setup = Setup {
+                                stream_out: true,
+                                ..setup
+                            };
+                            let streamed = run(pick(&k), &table, dim, rows, count, setup);
+                            assert_eq!(
+                                streamed,
+                                want,
+                                "{} {:?}, dim {dim}, {setup:?}",
+                                k.name(),
+                                T::DTYPE
+                            );
+                        }
                         if !write_back {
                             assert_eq!(got.0, bytes_of(&table), "table written out of place");
                         }
@@ -214,6 +239,7 @@ fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                     out_kind,
                     max_norm,
                     copy_only: false,
+                    stream_out: false,
                 };
                 let want = run(pick(&reference), &row, dim, &rows, 1, setup);
                 let got = run(pick(&k), &row, dim, &rows, 1, setup);
@@ -288,6 +314,7 @@ fn scalar_reference_is_the_plain_definition() {
         write_back: true,
         out: out.as_mut_ptr() as *mut u8,
         out_f32: true,
+        stream_out: false,
         norm: NormKind::L2,
         max_norm: 1.0,
         prefetch: DEFAULT_PREFETCH_DISTANCE,
@@ -331,6 +358,7 @@ fn copies_after_renorm_in_place_see_the_rescaled_row() {
                     write_back: true,
                     out: out.as_mut_ptr() as *mut u8,
                     out_f32: true,
+                    stream_out: false,
                     norm: NormKind::L2,
                     max_norm: 0.5,
                     prefetch: DEFAULT_PREFETCH_DISTANCE,
