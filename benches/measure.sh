@@ -31,7 +31,7 @@ done
 emb --rows 4194304 --dim 64 --dtype f16 --batch 1048576 --op bag --bag-size 32 --mode sum
 
 echo "## streaming stores (f32 4M x 64; batch sets the output size)"
-for b in 16384 65536 262144 1048576; do
+for b in 65536 131072 262144 1048576; do
   for s in never always; do
     emb --rows 4194304 --dim 64 --batch "$b" --stream "$s" | sed -n 1,2p
   done

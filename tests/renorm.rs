@@ -463,3 +463,45 @@ fn general_p_and_padding_row() {
     }
     assert_eq!(&out[3..], &data[3..]);
 }
+
+/// Streaming stores for the output (large aligned outputs) give the same bits as ordinary
+/// stores: widths with AVX-512's register-resident 2-norm rows (64, 128) and without (80),
+/// output only and in place. The threshold is process-wide; other tests in this binary are
+/// unaffected in their results.
+#[test]
+fn streamed_output_matches_ordinary_stores() {
+    use embedding_lookup::kernels::{set_streaming_threshold, DEFAULT_STREAMING_THRESHOLD};
+    let m = MaxNorm::new(1.0).unwrap();
+    for dim in [64, 80, 128] {
+        let table = random_table(1000, dim, DType::F32, 21);
+        let idx = random_indices(3000, 1000, 22);
+        let run = |threshold: usize| {
+            // An owned table is a 64-byte aligned buffer, as streaming stores need.
+            let mut out = Table::zeros(idx.len(), dim, DType::F32).unwrap();
+            let mut in_place_out = Table::zeros(idx.len(), dim, DType::F32).unwrap();
+            let mut t = table.to_dtype(DType::F32).unwrap();
+            set_streaming_threshold(threshold);
+            let done = table
+                .lookup_renorm_output_only(&idx, out.as_mut_slice::<f32>().unwrap(), m)
+                .and_then(|()| {
+                    t.lookup_renorm_in_place(&idx, in_place_out.as_mut_slice::<f32>().unwrap(), m)
+                });
+            set_streaming_threshold(DEFAULT_STREAMING_THRESHOLD);
+            done.unwrap();
+            (
+                out.as_bytes().to_vec(),
+                in_place_out.as_bytes().to_vec(),
+                t.as_bytes().to_vec(),
+            )
+        };
+        let streamed = run(0);
+        let ordinary = run(usize::MAX);
+        assert!(streamed == ordinary, "dim {dim}");
+        // The rows were rescaled, so the check covers the scaled stores, not only copies.
+        let plain: Vec<f32> = table.lookup(&idx).unwrap();
+        assert!(
+            streamed.0 != bytemuck::cast_slice::<f32, u8>(&plain),
+            "dim {dim}"
+        );
+    }
+}

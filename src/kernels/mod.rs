@@ -43,7 +43,7 @@ pub fn prefetch_distance() -> usize {
 /// unless changed with [`set_streaming_threshold`]. A measured choice (BENCHMARKS.md): an
 /// output that does not fit in the last-level cache is not read back from it, and streaming
 /// skips the read-for-ownership of every output line.
-pub const DEFAULT_STREAMING_THRESHOLD: usize = 128 << 20;
+pub const DEFAULT_STREAMING_THRESHOLD: usize = 32 << 20;
 
 static STREAMING_THRESHOLD: AtomicUsize = AtomicUsize::new(DEFAULT_STREAMING_THRESHOLD);
 
