@@ -15,7 +15,7 @@ mod sealed {
 }
 
 /// An integer type that can index table rows: `i32`, `i64`, `u32`, `u64` or `usize`.
-pub trait Index: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
+pub trait Index: sealed::Sealed + bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static {
     /// The value as u64, negative values wrapping to values above `i64::MAX`, so that
     /// `as_wrapped_u64() < rows` is the whole range check for `rows <= i64::MAX` (tables never
     /// exceed `isize::MAX` rows; [`validate`] checks larger counts exactly).
@@ -60,11 +60,10 @@ pub fn validate<I: Index>(indices: &[I], rows: usize) -> Result<()> {
     let rows64 = rows as u64;
     // A branch-free pass over blocks vectorises; the slow search runs only on failure.
     const BLOCK: usize = 256;
+    let all_below = all_below_fn::<I>();
     for (block_no, block) in indices.chunks(BLOCK).enumerate() {
-        let ok = block
-            .iter()
-            .fold(true, |ok, &i| ok & (i.as_wrapped_u64() < rows64));
-        if !ok {
+        // SAFETY: `all_below_fn` picks a version this CPU can run.
+        if !unsafe { all_below(block, rows64) } {
             let (offset, &bad) = block
                 .iter()
                 .enumerate()
@@ -78,6 +77,69 @@ pub fn validate<I: Index>(indices: &[I], rows: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether every index of `block`, wrapped to u64, is below `rows64`.
+///
+/// # Safety
+/// None for this version; the signature is shared with the `#[target_feature]` ones.
+#[inline(always)]
+unsafe fn all_below<I: Index>(block: &[I], rows64: u64) -> bool {
+    block
+        .iter()
+        .fold(true, |ok, &i| ok & (i.as_wrapped_u64() < rows64))
+}
+
+/// [`all_below`] compiled for AVX-512, whose unsigned 64-bit compares make it eight indices
+/// per instruction (x86_64's baseline has no 64-bit vector compare: one index at a time).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn all_below_avx512<I: Index>(block: &[I], rows64: u64) -> bool {
+    // SAFETY: no precondition.
+    unsafe { all_below(block, rows64) }
+}
+
+/// [`all_below`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn all_below_avx2<I: Index>(block: &[I], rows64: u64) -> bool {
+    // SAFETY: no precondition.
+    unsafe { all_below(block, rows64) }
+}
+
+/// A version of [`all_below`].
+type AllBelowFn<I> = unsafe fn(&[I], u64) -> bool;
+
+/// The best version of [`all_below`] this CPU runs (std caches the feature checks).
+#[inline]
+fn all_below_fn<I: Index>() -> AllBelowFn<I> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return all_below_avx512::<I>;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return all_below_avx2::<I>;
+        }
+    }
+    all_below::<I>
+}
+
+/// Validated indices as row numbers, without a copy, when the index type is a 64-bit integer
+/// on a 64-bit target (`i64`, `u64`, `usize`): a value in `0..rows` has the same bits as its
+/// `usize`. `None` for the other types, which must be converted.
+#[inline]
+pub(crate) fn as_row_numbers<I: Index>(validated: &[I]) -> Option<&[usize]> {
+    if std::mem::size_of::<I>() != std::mem::size_of::<usize>() {
+        return None;
+    }
+    bytemuck::try_cast_slice(validated).ok()
 }
 
 /// Normalise a PyTorch `padding_idx`: `-rows <= p < rows`, negative values count from the end.
@@ -124,6 +186,44 @@ mod tests {
         );
         assert!(validate(&[i32::MIN], 5).is_err());
         assert!(validate(&[0usize], 0).is_err());
+    }
+
+    /// Every compiled version of the range check against the plain one: each index type,
+    /// blocks of every length up to 70, one bad index at every position or none.
+    #[test]
+    fn all_below_versions_agree() {
+        fn check<I: Index>(make: impl Fn(u64) -> I, bad: I) {
+            let mut versions: Vec<(&str, AllBelowFn<I>)> = vec![("plain", all_below::<I>)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    versions.push(("avx2", all_below_avx2::<I>));
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    versions.push(("avx512", all_below_avx512::<I>));
+                }
+            }
+            let mut rng = crate::util::Rng::new(5);
+            for len in 0..70 {
+                let block: Vec<I> = (0..len).map(|_| make(rng.below(100))).collect();
+                for bad_at in (0..len).map(Some).chain([None]) {
+                    let mut b = block.clone();
+                    if let Some(p) = bad_at {
+                        b[p] = bad;
+                    }
+                    for (name, f) in &versions {
+                        // SAFETY: each version was checked to run on this CPU.
+                        let ok = unsafe { f(&b, 100) };
+                        assert_eq!(ok, bad_at.is_none(), "{name}, len {len}, bad at {bad_at:?}");
+                    }
+                }
+            }
+        }
+        check(|v| v as i32, -1);
+        check(|v| v as i64, 100);
+        check(|v| v as u32, u32::MAX);
+        check(|v| v, 1 << 40);
+        check(|v| v as usize, 100);
     }
 
     #[test]
