@@ -227,14 +227,14 @@ fn output_pass<I: Index>(
     let run = |indices: &[I], out: &mut [u8], found: &mut Vec<usize>| {
         let job = job.with_out(out.as_mut_ptr());
         // SAFETY: indices validated; `out` holds a row per index; nothing writes the table
-        // (it is borrowed shared and `write_back` is false); no copies.
+        // (it is borrowed shared and `write_back` is false).
         unsafe {
             run_blocks(
                 kernel,
                 &job,
                 out_row_bytes,
                 indices,
-                |_, _| Some(0),
+                |_, _| true,
                 record.then_some(found),
             )
         }
@@ -352,7 +352,7 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
                 &job,
                 0,
                 indices,
-                |_, r| ((owners == 1 || owner(r, owners) == me) && seen.first(r)).then_some(0),
+                |_, r| (owners == 1 || owner(r, owners) == me) && seen.first(r),
                 None,
             )
         };
@@ -362,22 +362,19 @@ pub(crate) fn renorm_in_place_validated<I: Index>(
 }
 
 /// The block loop on one thread: `select(position, row)` picks the positions handed to the
-/// kernel, with their slot flag (`0` to renorm, [`COPY_SLOT`](crate::kernels::renorm::COPY_SLOT)
-/// to copy); the rows of the next
-/// positions go along for prefetching. `job.out` is the output row of position 0.
+/// kernel; the rows of the next positions go along for prefetching. `job.out` is the output
+/// row of position 0.
 ///
 /// # Safety
 /// `indices` are validated against the table of `job`; `job.out` is null or holds a row of
-/// `out_row_bytes` per index (and then `COPY_SLOT` may be selected); the selected entries
-/// satisfy [`RenormRowsFn`]'s contract: in place, a renorm entry's row is touched by no other
-/// thread during the call, and a copy entry's row was renormed before (or is not renormed in
-/// this call).
+/// `out_row_bytes` per index; the selected entries satisfy [`RenormRowsFn`]'s contract: in
+/// place, a selected row is selected once and touched by no other thread during the call.
 unsafe fn run_blocks<I: Index>(
     kernel: RenormRowsFn,
     job: &RenormJob,
     out_row_bytes: usize,
     indices: &[I],
-    mut select: impl FnMut(usize, usize) -> Option<usize>,
+    mut select: impl FnMut(usize, usize) -> bool,
     mut rescaled: Option<&mut Vec<usize>>,
 ) {
     let mut rows = [0usize; BLOCK + MAX_PREFETCH_DISTANCE];
@@ -391,9 +388,9 @@ unsafe fn run_blocks<I: Index>(
         for (p, &i) in indices[start..end].iter().enumerate() {
             // Validated: 0 <= i < rows, so the wrapped value is the row number.
             let r = i.as_wrapped_u64() as usize;
-            if let Some(flag) = select(start + p, r) {
+            if select(start + p, r) {
                 rows[m] = r;
-                slots[m] = p | flag;
+                slots[m] = p;
                 m += 1;
             }
         }

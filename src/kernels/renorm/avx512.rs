@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{drive, mark_rescaled, row_scale, NormKind, RenormJob, RowOps, COPY_SLOT};
+use super::{drive, mark_rescaled, row_scale, NormKind, RenormJob, RowOps};
 use crate::dtype::Element;
 use crate::kernels::prefetch_read;
 use half::{bf16, f16};
@@ -61,33 +61,31 @@ unsafe fn l2_f32_rows<const N: usize>(
             for (v, x) in x.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(src.add(v * 16));
             }
-            if slot & COPY_SLOT == 0 {
-                let mut acc = _mm512_setzero_ps();
-                for x in x {
-                    acc = _mm512_add_ps(acc, _mm512_mul_ps(x, x));
+            let mut acc = _mm512_setzero_ps();
+            for x in x {
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(x, x));
+            }
+            // reduce16's tree: lane l + lane l+8, then +4, +2, +1.
+            // The upper half through the f64 view: `extractf32x8` would need AVX-512 DQ.
+            let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc));
+            let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(high));
+            let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
+            let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+            let a1 = _mm_add_ss(a2, _mm_movehdup_ps(a2));
+            if let Some(s) = row_scale::<f32>(_mm_cvtss_f32(a1).sqrt(), job.max_norm) {
+                mark_rescaled(job, slot);
+                let s = _mm512_set1_ps(s);
+                for x in x.iter_mut() {
+                    *x = _mm512_mul_ps(*x, s);
                 }
-                // reduce16's tree: lane l + lane l+8, then +4, +2, +1.
-                // The upper half through the f64 view: `extractf32x8` would need AVX-512 DQ.
-                let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc));
-                let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(high));
-                let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
-                let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
-                let a1 = _mm_add_ss(a2, _mm_movehdup_ps(a2));
-                if let Some(s) = row_scale::<f32>(_mm_cvtss_f32(a1).sqrt(), job.max_norm) {
-                    mark_rescaled(job, slot);
-                    let s = _mm512_set1_ps(s);
-                    for x in x.iter_mut() {
-                        *x = _mm512_mul_ps(*x, s);
-                    }
-                    if job.write_back {
-                        for (v, x) in x.iter().enumerate() {
-                            _mm512_storeu_ps(src.add(v * 16), *x);
-                        }
+                if job.write_back {
+                    for (v, x) in x.iter().enumerate() {
+                        _mm512_storeu_ps(src.add(v * 16), *x);
                     }
                 }
             }
             if !job.out.is_null() {
-                let out = job.out.add((slot & !COPY_SLOT) * row_bytes) as *mut f32;
+                let out = job.out.add(slot * row_bytes) as *mut f32;
                 for (v, x) in x.iter().enumerate() {
                     if job.stream_out {
                         // Aligned: the job's contract for `stream_out`.

@@ -88,10 +88,6 @@ pub struct RenormJob {
     pub rescaled: *mut u64,
 }
 
-/// Set in a slot to copy (or widen) the row to the output as it is, without a norm: for a
-/// position whose row an earlier entry of the same thread has already renormed in place.
-pub const COPY_SLOT: usize = 1 << (usize::BITS - 1);
-
 impl RenormJob {
     /// The same job writing its output rows from `out`.
     pub fn with_out(&self, out: *mut u8) -> RenormJob {
@@ -105,8 +101,7 @@ unsafe impl Send for RenormJob {}
 // SAFETY: as above.
 unsafe impl Sync for RenormJob {}
 
-/// Renorm the first `count` rows of `rows` into output slots `slots[..count]` (a slot with
-/// [`COPY_SLOT`] set only copies its row).
+/// Renorm the first `count` rows of `rows` into output slots `slots[..count]`.
 ///
 /// # Safety
 /// - Every `rows[i]` (all of them: entries past `count` are only prefetched) is below the
@@ -114,16 +109,15 @@ unsafe impl Sync for RenormJob {}
 ///   the kernel's dtype.
 /// - `count <= rows.len()` and `count <= slots.len()`.
 /// - Unless `job.out` is null, it is valid for writes of `max(slots[..count]) + 1` output rows
-///   (slots taken without [`COPY_SLOT`]; `job.dim` elements of f32 when `job.out_f32`, of the
-///   table's dtype otherwise), and the slots are distinct. If `job.out` is null, no slot has
-///   [`COPY_SLOT`].
-/// - If `job.write_back`, the rows of entries without [`COPY_SLOT`] are distinct, the table
-///   is writable, and no other thread reads or writes these rows during the call; otherwise
-///   no thread writes the rows during the call.
+///   (`job.dim` elements of f32 when `job.out_f32`, of the table's dtype otherwise), and the
+///   slots are distinct.
+/// - If `job.write_back`, the rows of the `count` entries are distinct, the table is
+///   writable, and no other thread reads or writes these rows during the call; otherwise no
+///   thread writes the rows during the call.
 /// - If `job.stream_out`, `job.out` is 64-byte aligned and an output row is a multiple of
 ///   64 bytes.
 /// - Unless `job.rescaled` is null, it is valid for writes of `max(slots[..count]) / 64 + 1`
-///   words (slots taken without [`COPY_SLOT`]).
+///   words.
 /// - The CPU supports the kernel's instruction set.
 pub type RenormRowsFn = unsafe fn(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize);
 
@@ -319,12 +313,8 @@ pub(crate) unsafe fn drive<T: Element, O: RowOps<T>>(
             let out = if job.out.is_null() {
                 std::ptr::null_mut()
             } else {
-                job.out.add((slot & !COPY_SLOT) * out_row_bytes)
+                job.out.add(slot * out_row_bytes)
             };
-            if slot & COPY_SLOT != 0 {
-                O::copy(src, dim, out, job.out_f32);
-                continue;
-            }
             let norm = match job.norm {
                 NormKind::P(p) => scalar::norm_p(std::slice::from_raw_parts(src, dim), p),
                 kind => {

@@ -59,7 +59,6 @@ struct Setup {
     /// None: no output; Some(true): f32 output; Some(false): the table's dtype.
     out_kind: Option<bool>,
     max_norm: f64,
-    copy_only: bool,
     /// Streaming stores for the output (only where output rows are whole cache lines).
     stream_out: bool,
 }
@@ -79,8 +78,7 @@ fn run<T: Element>(
         _ => std::mem::size_of::<T>(),
     };
     // Slots in reverse order, to show that output rows need not be consecutive.
-    let flag = if setup.copy_only { COPY_SLOT } else { 0 };
-    let slots: Vec<usize> = (0..count).rev().map(|s| s | flag).collect();
+    let slots: Vec<usize> = (0..count).rev().collect();
     let out_len = count * dim * out_size;
     // 64-byte aligned storage for the output bytes (streaming stores need it), filled with a
     // pattern no kernel writes.
@@ -131,23 +129,23 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                 .collect();
             let mut perm: Vec<usize> = (0..ROWS).rev().collect();
             perm.extend(std::iter::repeat_n(0, DEFAULT_PREFETCH_DISTANCE));
+            // Rows 0..7 have finite norms: with the largest max_norm none is rescaled.
+            let finite_rows: Vec<usize> = (0..ROWS * 2 + DEFAULT_PREFETCH_DISTANCE)
+                .map(|_| rng.below(7) as usize)
+                .collect();
             for norm in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
                 for out_kind in [None, Some(false), Some(true)] {
-                    for (write_back, copy_only, rows, count) in [
-                        (false, false, &dup_rows, ROWS * 2),
-                        (true, false, &perm, ROWS),
-                        (false, false, &perm, 0),
-                        (false, true, &dup_rows, ROWS * 2),
+                    for (write_back, max_norm, rows, count) in [
+                        (false, 1.0, &dup_rows, ROWS * 2),
+                        (true, 1.0, &perm, ROWS),
+                        (false, 1.0, &perm, 0),
+                        (false, f64::MAX, &finite_rows, ROWS * 2),
                     ] {
-                        if copy_only && out_kind.is_none() {
-                            continue; // a copy needs an output
-                        }
                         let setup = Setup {
                             norm,
                             write_back,
                             out_kind,
-                            max_norm: 1.0,
-                            copy_only,
+                            max_norm,
                             stream_out: false,
                         };
                         let want = run(pick(&reference), &table, dim, rows, count, setup);
@@ -180,8 +178,8 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                         if !write_back {
                             assert_eq!(got.0, bytes_of(&table), "table written out of place");
                         }
-                        if copy_only && out_kind.is_some() {
-                            // A copy is the gather: the rows as they are, or widened.
+                        if max_norm == f64::MAX && out_kind.is_some() {
+                            // Nothing rescaled: the output is the gather, as is or widened.
                             let plain: Vec<u8> = rows[..count]
                                 .iter()
                                 .rev()
@@ -195,7 +193,7 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                                     }
                                 })
                                 .collect();
-                            assert_eq!(got.1, plain, "{} copy only, dim {dim}", k.name());
+                            assert_eq!(got.1, plain, "{} nothing rescaled, dim {dim}", k.name());
                         }
                     }
                 }
@@ -238,7 +236,6 @@ fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                     write_back: true,
                     out_kind,
                     max_norm,
-                    copy_only: false,
                     stream_out: false,
                 };
                 let want = run(pick(&reference), &row, dim, &rows, 1, setup);
@@ -337,46 +334,4 @@ fn reduce16_is_the_documented_tree() {
     let s4: [f32; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
     let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
     assert_eq!(reduce16(v).to_bits(), (s2[0] + s2[1]).to_bits());
-}
-
-/// In place, a copy entry after its row's renorm entry reads the renormed row: the output of
-/// the copy equals the output of the renorm, on every level and dtype.
-#[test]
-fn copies_after_renorm_in_place_see_the_rescaled_row() {
-    fn check<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
-        let mut rng = Rng::new(3);
-        for isa in Isa::all_available() {
-            let k = RenormKernels::for_isa(isa).unwrap();
-            for dim in [1, 7, 16, 33, 64] {
-                let mut table = table::<T>(dim, &mut rng);
-                let rows = [5usize, 4, 5, 4, 5, 0, 0, 0];
-                let slots = [0, 1, 2 | COPY_SLOT, 3 | COPY_SLOT, 4 | COPY_SLOT];
-                let mut out = vec![0.0f32; 5 * dim];
-                let job = RenormJob {
-                    table: table.as_mut_ptr() as *mut u8,
-                    dim,
-                    write_back: true,
-                    out: out.as_mut_ptr() as *mut u8,
-                    out_f32: true,
-                    stream_out: false,
-                    norm: NormKind::L2,
-                    max_norm: 0.5,
-                    prefetch: DEFAULT_PREFETCH_DISTANCE,
-                    rescaled: std::ptr::null_mut(),
-                };
-                // SAFETY: rows below ROWS; renorm entries (rows 5, 4) distinct; copies after
-                // them; slots 0..5 inside `out`; one thread.
-                unsafe { pick(&k)(&job, &rows, &slots, 5) };
-                let row = |s: usize| &out[s * dim..(s + 1) * dim];
-                assert_eq!(row(2), row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
-                assert_eq!(row(4), row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
-                assert_eq!(row(3), row(1), "{} {:?} dim {dim}", k.name(), T::DTYPE);
-                let stored: Vec<f32> = table[5 * dim..6 * dim].iter().map(|x| x.to_f32()).collect();
-                assert_eq!(&stored[..], row(0), "{} {:?} dim {dim}", k.name(), T::DTYPE);
-            }
-        }
-    }
-    check::<f32>(|k| k.f32);
-    check::<f16>(|k| k.f16);
-    check::<bf16>(|k| k.bf16);
 }
