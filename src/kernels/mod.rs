@@ -61,13 +61,20 @@ pub fn streaming_threshold() -> usize {
 
 /// Whether to write an output of `out_rows` rows of `out_row_bytes` bytes starting at `out`
 /// with streaming stores: it is at least [`streaming_threshold`] bytes (too large to be read
-/// back from cache), and its rows are whole, aligned cache lines (a row's partial lines would
-/// otherwise mix streaming and ordinary stores).
+/// back from cache), and its rows are whole cache lines, each aligned (a row's partial lines
+/// would otherwise mix streaming and ordinary stores) or, where the kernels can join lines in
+/// registers (`realigns`), the output 16-byte aligned, as the system allocator's buffers are.
 #[inline]
-pub(crate) fn use_streaming_stores(out: *const u8, out_rows: usize, out_row_bytes: usize) -> bool {
+pub(crate) fn use_streaming_stores(
+    out: *const u8,
+    out_rows: usize,
+    out_row_bytes: usize,
+    realigns: bool,
+) -> bool {
+    let at = out as usize;
     out_rows.saturating_mul(out_row_bytes) >= streaming_threshold()
         && out_row_bytes.is_multiple_of(64)
-        && (out as usize).is_multiple_of(64)
+        && (at.is_multiple_of(64) || (realigns && at.is_multiple_of(16)))
 }
 
 /// An instruction-set level the kernels are written for, best first.

@@ -161,7 +161,12 @@ pub(crate) fn gather_validated<I: Index>(
         return;
     }
     let table_bytes = table.as_bytes();
-    let stream = use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes);
+    let stream = use_streaming_stores(
+        out.as_ptr(),
+        indices.len(),
+        out_row_bytes,
+        kernels.realign_streams(),
+    );
     let run = |indices: &[I], out: &mut [u8]| {
         gather_serial(
             kernels,

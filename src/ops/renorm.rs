@@ -218,7 +218,8 @@ fn output_pass<I: Index>(
         write_back: false,
         out: std::ptr::null_mut(),
         out_f32: conversion != Conversion::Copy,
-        stream_out: use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes),
+        // The renorm kernels have no line joining: aligned outputs only.
+        stream_out: use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes, false),
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
         prefetch: prefetch_distance(),

@@ -3,8 +3,11 @@
 //!
 //! `STREAM = true` writes the output with non-temporal stores: a large output is not read back
 //! soon, and streaming skips the read-for-ownership of every output line, which is a third of
-//! the memory traffic of a gather. The unaligned head and tail of each row use ordinary masked
-//! stores; an `sfence` at the end orders the streamed stores before the caller's next write.
+//! the memory traffic of a gather. Rows of whole lines into an output 16, 32 or 48 bytes past a
+//! line boundary (a buffer from the system allocator is 16-byte aligned) are joined into whole
+//! lines in registers ([`Realign`]); otherwise a row streams its aligned middle and stores its
+//! head and tail with ordinary masked stores. An `sfence` at the end orders the streamed
+//! stores before the caller's next write.
 //!
 //! The whole row loop sits inside the `#[target_feature]` function so that it compiles as
 //! AVX-512 code; only the function pointer call per block happens outside.
@@ -24,6 +27,19 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
     out: &mut [u8],
     prefetch: usize,
 ) {
+    if STREAM && row_bytes >= 64 && row_bytes.is_multiple_of(64) && count > 0 {
+        // The output's offset in its first line picks the join.
+        let realigned: Option<super::CopyRowsFn> = match out.as_ptr() as usize % 64 {
+            16 => Some(copy_rows_realigned::<12>),
+            32 => Some(copy_rows_realigned::<8>),
+            48 => Some(copy_rows_realigned::<4>),
+            _ => None, // aligned, or not on a 16-byte boundary
+        };
+        if let Some(realigned) = realigned {
+            // SAFETY: forwarded contract; the output is at the offset the function expects.
+            return unsafe { realigned(table, row_bytes, rows, count, out, prefetch) };
+        }
+    }
     let base = table.as_ptr();
     for i in 0..count {
         if let Some(&ahead) = rows.get(i + prefetch) {
@@ -42,6 +58,165 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
     }
     if STREAM {
         _mm_sfence();
+    }
+}
+
+/// [`widen_rows`] with streaming stores into an output `4 * (16 - SHIFT)` bytes past a line
+/// boundary, rows of whole lines (`dim` a multiple of 16). See [`Realign`].
+///
+/// # Safety
+/// [`WidenRowsFn`](super::WidenRowsFn)'s contract with `dim` a multiple of 16 and `out` at
+/// that offset in its line; AVX-512 F, BW, VL and F16C.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn widen_rows_realigned<const SHIFT: i32>(
+    table: &[u16],
+    dim: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [f32],
+    prefetch: usize,
+    widen: impl Fn(__m256i) -> __m512,
+) {
+    let base = table.as_ptr();
+    // SAFETY: `out` holds `count * dim` elements, all of them pushed below.
+    let mut lines = unsafe { Realign::<SHIFT>::new(out.as_mut_ptr() as *mut u8) };
+    for i in 0..count {
+        if let Some(&ahead) = rows.get(i + prefetch) {
+            prefetch_read(base.wrapping_add(ahead * dim) as *const u8, dim * 2);
+        }
+        // SAFETY: the contract puts every row inside the table; the pushes stay within the
+        // `count * dim` elements of `out`.
+        unsafe {
+            let src = base.add(*rows.get_unchecked(i) * dim);
+            let mut j = 0;
+            while j < dim {
+                let v = widen(_mm256_loadu_si256(src.add(j) as *const __m256i));
+                lines.push(_mm512_castps_si512(v));
+                j += 16;
+            }
+        }
+    }
+    // SAFETY: as for `push`.
+    unsafe { lines.finish() };
+    _mm_sfence();
+}
+
+/// [`copy_rows`] with streaming stores into an output `4 * (16 - SHIFT)` bytes past a line
+/// boundary (16, 32 or 48: a buffer from the system allocator is 16-byte aligned), rows of
+/// whole lines. See [`Realign`].
+///
+/// # Safety
+/// [`CopyRowsFn`](super::CopyRowsFn)'s contract with `row_bytes` a multiple of 64 and `out`
+/// at that offset in its line; AVX-512 F and BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn copy_rows_realigned<const SHIFT: i32>(
+    table: &[u8],
+    row_bytes: usize,
+    rows: &[usize],
+    count: usize,
+    out: &mut [u8],
+    prefetch: usize,
+) {
+    let base = table.as_ptr();
+    // SAFETY: `out` holds `count * row_bytes` bytes, all of them pushed below.
+    let mut lines = unsafe { Realign::<SHIFT>::new(out.as_mut_ptr()) };
+    for i in 0..count {
+        if let Some(&ahead) = rows.get(i + prefetch) {
+            prefetch_read(base.wrapping_add(ahead * row_bytes), row_bytes);
+        }
+        // SAFETY: the contract puts every row inside the table; the pushes stay within the
+        // `count * row_bytes` bytes of `out`.
+        unsafe {
+            let src = base.add(*rows.get_unchecked(i) * row_bytes);
+            let mut off = 0;
+            // Loads before stores, as in `copy_row_stream`.
+            while off + 256 <= row_bytes {
+                let v: [__m512i; 4] =
+                    std::array::from_fn(|k| _mm512_loadu_si512(src.add(off + 64 * k) as *const _));
+                for v in v {
+                    lines.push(v);
+                }
+                off += 256;
+            }
+            while off < row_bytes {
+                lines.push(_mm512_loadu_si512(src.add(off) as *const _));
+                off += 64;
+            }
+        }
+    }
+    // SAFETY: as for `push`.
+    unsafe { lines.finish() };
+    _mm_sfence();
+}
+
+/// Streams consecutive 64-byte vectors to an output that starts `4 * (16 - SHIFT)` bytes
+/// past a line boundary, as whole aligned lines: each line is the end of one vector and the
+/// start of the next, joined in a register (`valignd` by `SHIFT` elements), and leaves with
+/// one streaming store. The first and last lines hold bytes outside the output; they get
+/// ordinary masked stores of the output's bytes only. 16-byte streaming stores instead leave
+/// the lines two rows share to the write-combining buffers to join: measured 10-20% above no
+/// streaming at all, against 40-50% for whole lines (BENCHMARKS.md, "Streaming stores").
+struct Realign<const SHIFT: i32> {
+    /// The line the next vector completes.
+    line: *mut u8,
+    /// The last vector pushed; its end starts the next line.
+    prev: __m512i,
+    /// Whether `line` is the first, partial line.
+    first: bool,
+}
+
+impl<const SHIFT: i32> Realign<SHIFT> {
+    /// Output 32-bit elements from a line boundary to the output's first byte.
+    const LEAD: u32 = 16 - SHIFT as u32;
+
+    /// # Safety
+    /// `out` is `4 * LEAD` bytes past a line boundary; AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new(out: *mut u8) -> Self {
+        Realign {
+            line: out.wrapping_sub(4 * Self::LEAD as usize),
+            prev: _mm512_setzero_si512(),
+            first: true,
+        }
+    }
+
+    /// Write the next 64 bytes of the output.
+    ///
+    /// # Safety
+    /// The output is writable for the bytes pushed so far; AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn push(&mut self, v: __m512i) {
+        let joined = _mm512_alignr_epi32::<SHIFT>(v, self.prev);
+        // SAFETY: `line` is 64-byte aligned; the first line's leading elements, outside the
+        // output, are masked off; every other line lies within the bytes pushed so far.
+        unsafe {
+            if self.first {
+                let ours: __mmask16 = !((1u32 << Self::LEAD) - 1) as u16;
+                _mm512_mask_storeu_epi32(self.line as *mut i32, ours, joined);
+                self.first = false;
+            } else {
+                _mm512_stream_si512(self.line as *mut _, joined);
+            }
+        }
+        self.prev = v;
+        self.line = self.line.wrapping_add(64);
+    }
+
+    /// Write the end of the last vector into the last, partial line.
+    ///
+    /// # Safety
+    /// At least one vector was pushed; AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(self) {
+        let tail = _mm512_alignr_epi32::<SHIFT>(_mm512_setzero_si512(), self.prev);
+        let ours: __mmask16 = ((1u32 << Self::LEAD) - 1) as u16;
+        // SAFETY: the first `LEAD` elements of `line` end the output.
+        unsafe { _mm512_mask_storeu_epi32(self.line as *mut i32, ours, tail) };
     }
 }
 
@@ -188,8 +363,28 @@ unsafe fn widen_rows<const STREAM: bool>(
     count: usize,
     out: &mut [f32],
     prefetch: usize,
-    widen: impl Fn(__m256i) -> __m512,
+    widen: impl Fn(__m256i) -> __m512 + Copy,
 ) {
+    if STREAM && dim >= 16 && dim.is_multiple_of(16) && count > 0 {
+        // As in `copy_rows`: whole lines for an output 16, 32 or 48 bytes past a boundary.
+        // SAFETY: forwarded contract; each function expects the offset it is called for.
+        unsafe {
+            match out.as_ptr() as usize % 64 {
+                16 => {
+                    return widen_rows_realigned::<12>(
+                        table, dim, rows, count, out, prefetch, widen,
+                    )
+                }
+                32 => {
+                    return widen_rows_realigned::<8>(table, dim, rows, count, out, prefetch, widen)
+                }
+                48 => {
+                    return widen_rows_realigned::<4>(table, dim, rows, count, out, prefetch, widen)
+                }
+                _ => {}
+            }
+        }
+    }
     let base = table.as_ptr();
     for i in 0..count {
         if let Some(&ahead) = rows.get(i + prefetch) {

@@ -156,6 +156,12 @@ impl GatherKernels {
         self.isa
     }
 
+    /// Whether the streaming kernels join rows into whole lines when the output is 16-byte
+    /// aligned but not 64 (AVX-512's `Realign`); the others stream aligned outputs only.
+    pub(crate) fn realign_streams(&self) -> bool {
+        self.isa == Isa::Avx512
+    }
+
     /// The kernel's name (`avx512`, `avx2+f16c`, `neon`, `portable`, `scalar`).
     pub fn name(&self) -> &'static str {
         self.isa.name()
@@ -219,11 +225,18 @@ mod tests {
                     .collect();
                 for count in [0, 1, 5, 33] {
                     let idx = rows_with_lookahead(count, rows, &mut rng);
-                    // Output offsets that put rows at every alignment within a cache line.
-                    for offset in [0, 1, 13, 32, 63] {
+                    // Output offsets from a 64-byte boundary: aligned, 16-byte aligned (the
+                    // 16-byte streaming stores) and unaligned.
+                    for offset in [0, 1, 13, 16, 32, 48, 63] {
                         let n = count * row_bytes;
-                        let mut want = vec![0xAAu8; n + 64];
-                        let mut got = want.clone();
+                        let mut want_buf = vec![0xAAu8; n + 128];
+                        let mut got_buf = want_buf.clone();
+                        let (wa, ga) = (
+                            want_buf.as_ptr().align_offset(64),
+                            got_buf.as_ptr().align_offset(64),
+                        );
+                        let want = &mut want_buf[wa..][..n + 64];
+                        let got = &mut got_buf[ga..][..n + 64];
                         // SAFETY: rows drawn below `rows`, buffers sized for `count` rows.
                         unsafe {
                             reference(
@@ -265,13 +278,21 @@ mod tests {
                 let rows = 5;
                 // Slack so the table view and the output can start at odd element offsets.
                 let table = table_u16(rows * dim + 16, 1, &mut rng);
-                for offset in [0, 1, 5, 15] {
+                // Output offsets in elements from a 64-byte boundary (the table slice moves
+                // with them): 4, 8 and 12 are 16-byte aligned.
+                for offset in [0, 1, 4, 5, 8, 12, 15] {
                     let t = &table[offset..offset + rows * dim];
                     for count in [0, 1, 3, 40] {
                         let idx = rows_with_lookahead(count, rows, &mut rng);
                         let n = count * dim;
-                        let mut want = vec![f32::from_bits(0xdead); n + 16];
-                        let mut got = want.clone();
+                        let mut want_buf = vec![f32::from_bits(0xdead); n + 48];
+                        let mut got_buf = want_buf.clone();
+                        let (wa, ga) = (
+                            want_buf.as_ptr().align_offset(64),
+                            got_buf.as_ptr().align_offset(64),
+                        );
+                        let want = &mut want_buf[wa..][..n + 16];
+                        let got = &mut got_buf[ga..][..n + 16];
                         for (name, r, f) in [
                             (
                                 "f16",
@@ -304,7 +325,7 @@ mod tests {
                                 );
                             }
                             assert!(
-                                same_bits(&got, &want),
+                                same_bits(got, want),
                                 "{} {name} (stream {stream}), dim {dim}, offset {offset}, count {count}",
                                 k.name()
                             );
