@@ -64,6 +64,10 @@ pub struct Args {
     /// Streaming stores: auto (outputs above the library's threshold), always or never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     stream: String,
+    /// Bytes from a 64-byte boundary to the output: a multiple of 4 below 64 (16 is where the
+    /// system allocator puts a large `Vec`).
+    #[arg(long, default_value_t = 0)]
+    out_offset: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -131,9 +135,18 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
         _ => batch,
     };
     // The output is an owned table: 64-byte aligned, huge pages on Linux, as a careful caller
-    // would allocate it (an f32 table of the same shape holds every output dtype).
-    let mut out_table = Table::zeros(batch, dim, DType::F32)?;
-    let out_bytes = bytemuck::cast_slice_mut::<f32, u8>(out_table.as_mut_slice::<f32>()?);
+    // would allocate it (an f32 table of the same shape holds every output dtype), used from
+    // `--out-offset` bytes in.
+    if args.out_offset >= 64 || !args.out_offset.is_multiple_of(4) {
+        return Err(format!(
+            "--out-offset {} must be a multiple of 4 below 64",
+            args.out_offset
+        )
+        .into());
+    }
+    let mut out_table = Table::zeros(batch + 1, dim.max(16), DType::F32)?;
+    let out_bytes = &mut bytemuck::cast_slice_mut::<f32, u8>(out_table.as_mut_slice::<f32>()?)
+        [args.out_offset..args.out_offset + batch * dim * 4];
     let max_norm = MaxNorm::new(args.max_norm)?;
     let bag_options = BagOptions::mode(args.mode.parse::<BagMode>()?);
     let op = args.op.clone();
@@ -235,6 +248,7 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
             "table_zero_copy": table.is_zero_copy(),
             "prefetch": kernels::prefetch_distance(),
             "stream": args.stream,
+            "out_offset": args.out_offset,
         });
         if let Some(n) = &naive {
             obj["naive_rows_per_s"] = serde_json::json!(batch as f64 / n.median);
@@ -255,9 +269,10 @@ fn run_in_pool(args: Args, verbose: bool) -> CliResult {
         println!("{obj}");
     } else {
         println!(
-            "{} {rows} × {dim} {} -> {}, batch {batch}, {:?}, {}: kernel {}, {threads_used} threads, prefetch {}, stream {}",
+            "{} {rows} × {dim} {} -> {}, batch {batch}, {:?}, {}: kernel {}, {threads_used} threads, prefetch {}, stream {}{}",
             args.op, args.dtype, out_dtype, args.dist, args.storage,
-            embedding_lookup::kernel_name(), kernels::prefetch_distance(), args.stream
+            embedding_lookup::kernel_name(), kernels::prefetch_distance(), args.stream,
+            if args.out_offset > 0 { format!(", output at +{} bytes", args.out_offset) } else { String::new() }
         );
         println!(
             "  engine  {:>8.2} M rows/s  {:>6.2} GB/s  (median of {}, spread {:.0}%)",
