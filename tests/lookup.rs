@@ -276,8 +276,14 @@ fn streaming_output_matches() {
             done.unwrap();
             assert!(out == want.as_slice(), "{dtype}, skew {skew}");
             let all = buf.as_slice::<f32>().unwrap();
-            assert!(all[..skew].iter().all(|&x| x == 0.0), "written before the output");
-            assert!(all[skew + 5000 * 64..].iter().all(|&x| x == 0.0), "written after it");
+            assert!(
+                all[..skew].iter().all(|&x| x == 0.0),
+                "written before the output"
+            );
+            assert!(
+                all[skew + 5000 * 64..].iter().all(|&x| x == 0.0),
+                "written after it"
+            );
             buf.as_mut_slice::<f32>().unwrap().fill(0.0);
         }
     }

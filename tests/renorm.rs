@@ -475,28 +475,49 @@ fn streamed_output_matches_ordinary_stores() {
     for dim in [64, 80, 128] {
         let table = random_table(1000, dim, DType::F32, 21);
         let idx = random_indices(3000, 1000, 22);
-        let run = |threshold: usize| {
-            // An owned table is a 64-byte aligned buffer, as streaming stores need.
-            let mut out = Table::zeros(idx.len(), dim, DType::F32).unwrap();
-            let mut in_place_out = Table::zeros(idx.len(), dim, DType::F32).unwrap();
+        let n = idx.len() * dim;
+        // Owned tables are 64-byte aligned buffers; the outputs start `skew` elements in
+        // (0: aligned; 4: 16 bytes in, where the system allocator puts a large Vec).
+        let run = |threshold: usize, skew: usize| {
+            let mut out = Table::zeros(idx.len() + 1, dim, DType::F32).unwrap();
+            let mut in_place_out = Table::zeros(idx.len() + 1, dim, DType::F32).unwrap();
             let mut t = table.to_dtype(DType::F32).unwrap();
             set_streaming_threshold(threshold);
             let done = table
-                .lookup_renorm_output_only(&idx, out.as_mut_slice::<f32>().unwrap(), m)
+                .lookup_renorm_output_only(
+                    &idx,
+                    &mut out.as_mut_slice::<f32>().unwrap()[skew..skew + n],
+                    m,
+                )
                 .and_then(|()| {
-                    t.lookup_renorm_in_place(&idx, in_place_out.as_mut_slice::<f32>().unwrap(), m)
+                    t.lookup_renorm_in_place(
+                        &idx,
+                        &mut in_place_out.as_mut_slice::<f32>().unwrap()[skew..skew + n],
+                        m,
+                    )
                 });
             set_streaming_threshold(DEFAULT_STREAMING_THRESHOLD);
             done.unwrap();
+            let (start, end) = (skew * 4, skew * 4 + n * 4);
+            let outside_is_zero = |b: &[u8]| b[..start].iter().chain(&b[end..]).all(|&x| x == 0);
+            assert!(
+                outside_is_zero(out.as_bytes()),
+                "dim {dim}: written outside"
+            );
+            assert!(
+                outside_is_zero(in_place_out.as_bytes()),
+                "dim {dim}: written outside"
+            );
             (
-                out.as_bytes().to_vec(),
-                in_place_out.as_bytes().to_vec(),
+                out.as_bytes()[start..end].to_vec(),
+                in_place_out.as_bytes()[start..end].to_vec(),
                 t.as_bytes().to_vec(),
             )
         };
-        let streamed = run(0);
-        let ordinary = run(usize::MAX);
+        let streamed = run(0, 0);
+        let ordinary = run(usize::MAX, 0);
         assert!(streamed == ordinary, "dim {dim}");
+        assert!(run(0, 4) == ordinary, "dim {dim}, output 16 bytes in");
         // The rows were rescaled, so the check covers the scaled stores, not only copies.
         let plain: Vec<f32> = table.lookup(&idx).unwrap();
         assert!(

@@ -11,6 +11,8 @@
 pub mod bag;
 pub mod gather;
 pub mod grad;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod realign;
 pub mod renorm;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -218,8 +218,13 @@ fn output_pass<I: Index>(
         write_back: false,
         out: std::ptr::null_mut(),
         out_f32: conversion != Conversion::Copy,
-        // The renorm kernels have no line joining: aligned outputs only.
-        stream_out: use_streaming_stores(out.as_ptr(), indices.len(), out_row_bytes, false),
+        // Slots are consecutive (every position is selected), as joined lines need.
+        stream_out: use_streaming_stores(
+            out.as_ptr(),
+            indices.len(),
+            out_row_bytes,
+            RenormKernels::detect().isa() == crate::kernels::Isa::Avx512,
+        ),
         norm: NormKind::new(max_norm.norm_type),
         max_norm: max_norm.max_norm,
         prefetch: prefetch_distance(),

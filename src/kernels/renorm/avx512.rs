@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 use super::{drive, mark_rescaled, row_scale, NormKind, RenormJob, RowOps};
 use crate::dtype::Element;
 use crate::kernels::prefetch_read;
+use crate::kernels::realign::Realign;
 use half::{bf16, f16};
 
 /// # Safety
@@ -14,13 +15,30 @@ use half::{bf16, f16};
 pub(super) unsafe fn renorm_f32(job: &RenormJob, rows: &[usize], slots: &[usize], count: usize) {
     // SAFETY: forwarded contract; these functions have the features they use.
     unsafe {
+        // Streaming into an output 16, 32 or 48 bytes past a line: joined lines (`Realign`).
+        let shift = match (job.stream_out, job.out as usize % 64) {
+            (true, 16) => 12,
+            (true, 32) => 8,
+            (true, 48) => 4,
+            _ => 0,
+        };
+        macro_rules! l2_rows {
+            ($n:literal) => {
+                match shift {
+                    12 => l2_f32_rows::<$n, 12>(job, rows, slots, count),
+                    8 => l2_f32_rows::<$n, 8>(job, rows, slots, count),
+                    4 => l2_f32_rows::<$n, 4>(job, rows, slots, count),
+                    _ => l2_f32_rows::<$n, 0>(job, rows, slots, count),
+                }
+            };
+        }
         match (job.norm, job.dim) {
-            (NormKind::L2, 16) => l2_f32_rows::<1>(job, rows, slots, count),
-            (NormKind::L2, 32) => l2_f32_rows::<2>(job, rows, slots, count),
-            (NormKind::L2, 48) => l2_f32_rows::<3>(job, rows, slots, count),
-            (NormKind::L2, 64) => l2_f32_rows::<4>(job, rows, slots, count),
-            (NormKind::L2, 96) => l2_f32_rows::<6>(job, rows, slots, count),
-            (NormKind::L2, 128) => l2_f32_rows::<8>(job, rows, slots, count),
+            (NormKind::L2, 16) => l2_rows!(1),
+            (NormKind::L2, 32) => l2_rows!(2),
+            (NormKind::L2, 48) => l2_rows!(3),
+            (NormKind::L2, 64) => l2_rows!(4),
+            (NormKind::L2, 96) => l2_rows!(6),
+            (NormKind::L2, 128) => l2_rows!(8),
             _ => drive::<f32, Avx512>(job, rows, slots, count),
         }
     }
@@ -32,12 +50,16 @@ pub(super) unsafe fn renorm_f32(job: &RenormJob, rows: &[usize], slots: &[usize]
 /// checks delayed the loads of later rows. Bit-identical to the generic loop: the same lane
 /// sums, the same reduction tree as [`reduce16`](super::reduce16), the same [`row_scale`].
 ///
+/// With `SHIFT` other than 0 the output rows stream through a [`Realign`] (the output
+/// `4 * (16 - SHIFT)` bytes past a line, `job.stream_out`, slots `0..count`).
+///
 /// # Safety
 /// [`RenormRowsFn`](super::RenormRowsFn)'s contract with `job.dim == 16 * N` and
-/// `job.norm == L2`; the CPU has AVX-512 F, BW, VL and F16C.
+/// `job.norm == L2`; if `SHIFT != 0`, `job.out` is `4 * (16 - SHIFT)` bytes past a line
+/// boundary; the CPU has AVX-512 F, BW, VL and F16C.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn l2_f32_rows<const N: usize>(
+unsafe fn l2_f32_rows<const N: usize, const SHIFT: i32>(
     job: &RenormJob,
     rows: &[usize],
     slots: &[usize],
@@ -46,6 +68,8 @@ unsafe fn l2_f32_rows<const N: usize>(
     let dim = N * 16;
     let row_bytes = dim * 4;
     let base = job.table as *mut f32;
+    // SAFETY: the contract puts `count` consecutive output rows at `job.out` when `SHIFT != 0`.
+    let mut lines = (SHIFT != 0 && count > 0).then(|| unsafe { Realign::<SHIFT>::new(job.out) });
     for k in 0..count {
         if job.prefetch > 0 {
             if let Some(&ahead) = rows.get(k + job.prefetch) {
@@ -84,7 +108,12 @@ unsafe fn l2_f32_rows<const N: usize>(
                     }
                 }
             }
-            if !job.out.is_null() {
+            if let Some(lines) = lines.as_mut() {
+                // Slot `k`: the rows are consecutive (the contract for a misaligned stream).
+                for x in x {
+                    lines.push(_mm512_castps_si512(x));
+                }
+            } else if !job.out.is_null() {
                 let out = job.out.add(slot * row_bytes) as *mut f32;
                 for (v, x) in x.iter().enumerate() {
                     if job.stream_out {
@@ -96,6 +125,10 @@ unsafe fn l2_f32_rows<const N: usize>(
                 }
             }
         }
+    }
+    if let Some(lines) = lines {
+        // SAFETY: as for the pushes; at least one row was pushed.
+        unsafe { lines.finish() };
     }
     if job.stream_out {
         // Order the streamed rows before whatever the caller writes next.

@@ -73,7 +73,8 @@ pub struct RenormJob {
     pub out_f32: bool,
     /// Write output rows with streaming stores where a kernel has them (the AVX-512 f32
     /// 2-norm rows); the others ignore it. Only when `out` is 64-byte aligned and output rows
-    /// are whole cache lines ([`use_streaming_stores`](crate::kernels::use_streaming_stores)).
+    /// are whole cache lines, or `out` is 16-byte aligned, output rows are whole lines and the
+    /// slots are `0..count` ([`use_streaming_stores`](crate::kernels::use_streaming_stores)).
     pub stream_out: bool,
     /// The norm.
     pub norm: NormKind,
@@ -114,8 +115,8 @@ unsafe impl Sync for RenormJob {}
 /// - If `job.write_back`, the rows of the `count` entries are distinct, the table is
 ///   writable, and no other thread reads or writes these rows during the call; otherwise no
 ///   thread writes the rows during the call.
-/// - If `job.stream_out`, `job.out` is 64-byte aligned and an output row is a multiple of
-///   64 bytes.
+/// - If `job.stream_out`, an output row is a multiple of 64 bytes and `job.out` is 64-byte
+///   aligned, or 16-byte aligned with `slots[..count]` equal to `0..count`.
 /// - Unless `job.rescaled` is null, it is valid for writes of `max(slots[..count]) / 64 + 1`
 ///   words.
 /// - The CPU supports the kernel's instruction set.

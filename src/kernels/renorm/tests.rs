@@ -61,6 +61,8 @@ struct Setup {
     max_norm: f64,
     /// Streaming stores for the output (only where output rows are whole cache lines).
     stream_out: bool,
+    /// Bytes from a 64-byte boundary to the output: 0, or 16, 32, 48 with slots in order.
+    out_skew: usize,
 }
 
 /// Run one kernel over `rows` with a fresh copy of `table`; return (table after, output).
@@ -77,14 +79,20 @@ fn run<T: Element>(
         Some(true) => 4,
         _ => std::mem::size_of::<T>(),
     };
-    // Slots in reverse order, to show that output rows need not be consecutive.
-    let slots: Vec<usize> = (0..count).rev().collect();
+    // Slots in reverse order, to show that output rows need not be consecutive; in order for
+    // a misaligned output (streamed as joined lines, which needs them so).
+    let slots: Vec<usize> = if setup.out_skew == 0 {
+        (0..count).rev().collect()
+    } else {
+        (0..count).collect()
+    };
     let out_len = count * dim * out_size;
     // 64-byte aligned storage for the output bytes (streaming stores need it), filled with a
     // pattern no kernel writes.
-    let mut out_words = vec![0xA5A5_A5A5u32; out_len.div_ceil(4) + 16];
-    let align = out_words.as_ptr().align_offset(64);
-    let out_words = &mut out_words[align..align + out_len.div_ceil(4)];
+    let mut out_words = vec![0xA5A5_A5A5u32; out_len.div_ceil(4) + 32];
+    let align = out_words.as_ptr().align_offset(64) + setup.out_skew / 4;
+    let (guard, out_words) = out_words.split_at_mut(align);
+    let (out_words, after) = out_words.split_at_mut(out_len.div_ceil(4));
     let job = RenormJob {
         table: t.as_mut_ptr() as *mut u8,
         dim,
@@ -109,6 +117,11 @@ fn run<T: Element>(
     }
     // SAFETY: rows below ROWS, slots distinct and inside `out_words`, one thread.
     unsafe { kernel(&job, rows, &slots, count) };
+    let untouched = |w: &[u32]| w.iter().all(|&w| w == 0xA5A5_A5A5);
+    assert!(
+        untouched(guard) && untouched(after),
+        "written outside the output"
+    );
     let out = match setup.out_kind {
         Some(_) => bytemuck::cast_slice::<u32, u8>(out_words)[..out_len].to_vec(),
         None => Vec::new(),
@@ -147,6 +160,7 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                             out_kind,
                             max_norm,
                             stream_out: false,
+                            out_skew: 0,
                         };
                         let want = run(pick(&reference), &table, dim, rows, count, setup);
                         let got = run(pick(&k), &table, dim, rows, count, setup);
@@ -161,10 +175,15 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                             Some(true) => 4 * dim,
                             _ => dim * std::mem::size_of::<T>(),
                         };
-                        if out_kind.is_some() && out_row_bytes % 64 == 0 {
+                        for out_skew in [0, 16, 32, 48] {
+                            if out_kind.is_none() || out_row_bytes % 64 != 0 {
+                                break;
+                            }
+                            let plain = Setup { out_skew, ..setup };
+                            let want = run(pick(&reference), &table, dim, rows, count, plain);
                             let setup = Setup {
                                 stream_out: true,
-                                ..setup
+                                ..plain
                             };
                             let streamed = run(pick(&k), &table, dim, rows, count, setup);
                             assert_eq!(
@@ -237,6 +256,7 @@ fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                     out_kind,
                     max_norm,
                     stream_out: false,
+                    out_skew: 0,
                 };
                 let want = run(pick(&reference), &row, dim, &rows, 1, setup);
                 let got = run(pick(&k), &row, dim, &rows, 1, setup);
