@@ -137,17 +137,6 @@ fn all_below_fn<I: Index>() -> AllBelowFn<I> {
     all_below::<I>
 }
 
-/// Validated indices as row numbers, without a copy, when the index type is a 64-bit integer
-/// on a 64-bit target (`i64`, `u64`, `usize`): a value in `0..rows` has the same bits as its
-/// `usize`. `None` for the other types, which must be converted.
-#[inline]
-pub(crate) fn as_row_numbers<I: Index>(validated: &[I]) -> Option<&[usize]> {
-    if std::mem::size_of::<I>() != std::mem::size_of::<usize>() {
-        return None;
-    }
-    bytemuck::try_cast_slice(validated).ok()
-}
-
 /// Normalise a PyTorch `padding_idx`: `-rows <= p < rows`, negative values count from the end.
 pub fn normalize_padding_idx(padding_idx: i64, rows: usize) -> Result<usize> {
     let r = rows as i128;

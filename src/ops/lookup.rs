@@ -8,8 +8,7 @@ use crate::kernels::{prefetch_distance, use_streaming_stores, MAX_PREFETCH_DISTA
 use crate::parallel;
 use crate::table::Table;
 
-/// Positions converted to row numbers at a time (32-bit indices): small enough to sit in L1
-/// on the stack.
+/// Positions converted to row numbers at a time: small enough to sit in L1 on the stack.
 const BLOCK: usize = 256;
 
 /// The shape of a lookup's output: the indices' shape with `dim` appended.
@@ -213,9 +212,8 @@ impl RowBuffer {
     }
 }
 
-/// One thread's share: 64-bit indices go to the kernel as they are (validated, they are the
-/// row numbers); narrower ones are converted a block at a time (plus the prefetch lookahead)
-/// into row numbers on the stack.
+/// The block loop on one thread: convert a block of indices (plus the prefetch lookahead) to
+/// row numbers on the stack, then hand the block to the kernel.
 #[allow(clippy::too_many_arguments)]
 fn gather_serial<I: Index>(
     kernels: &GatherKernels,
@@ -233,38 +231,6 @@ fn gather_serial<I: Index>(
         Conversion::F16ToF32 | Conversion::Bf16ToF32 => dim * 2,
     };
     let prefetch = prefetch_distance();
-    let gather = |rows: &[usize], count: usize, out: &mut [u8]| {
-        // SAFETY: every index was validated against the table's rows, so every row in `rows`
-        // lies inside `table`; `out` holds exactly `count` output rows; the kernels were
-        // built for an ISA this CPU has.
-        unsafe {
-            match conversion {
-                Conversion::Copy => {
-                    kernels.copy.pick(stream)(table, row_bytes, rows, count, out, prefetch)
-                }
-                Conversion::F16ToF32 => kernels.f16_to_f32.pick(stream)(
-                    bytemuck::cast_slice(table),
-                    dim,
-                    rows,
-                    count,
-                    bytemuck::cast_slice_mut(out),
-                    prefetch,
-                ),
-                Conversion::Bf16ToF32 => kernels.bf16_to_f32.pick(stream)(
-                    bytemuck::cast_slice(table),
-                    dim,
-                    rows,
-                    count,
-                    bytemuck::cast_slice_mut(out),
-                    prefetch,
-                ),
-            }
-        }
-    };
-    // 64-bit indices are row numbers already: one kernel call for the whole slice.
-    if let Some(rows) = index::as_row_numbers(indices) {
-        return gather(rows, rows.len(), out);
-    }
     let mut rows = RowBuffer::new();
     let n = indices.len();
     let mut start = 0;
@@ -272,11 +238,34 @@ fn gather_serial<I: Index>(
         let end = (start + BLOCK).min(n);
         let ahead_end = (end + prefetch).min(n);
         let block_rows = rows.fill(&indices[start..ahead_end]);
-        gather(
-            block_rows,
-            end - start,
-            &mut out[start * out_row_bytes..end * out_row_bytes],
-        );
+        let count = end - start;
+        let block_out = &mut out[start * out_row_bytes..end * out_row_bytes];
+        // SAFETY: every index was validated against the table's rows, so every row in
+        // `block_rows` lies inside `table`; `block_out` holds exactly `count` output rows; the
+        // kernels were built for an ISA this CPU has.
+        unsafe {
+            match conversion {
+                Conversion::Copy => kernels.copy.pick(stream)(
+                    table, row_bytes, block_rows, count, block_out, prefetch,
+                ),
+                Conversion::F16ToF32 => kernels.f16_to_f32.pick(stream)(
+                    bytemuck::cast_slice(table),
+                    dim,
+                    block_rows,
+                    count,
+                    bytemuck::cast_slice_mut(block_out),
+                    prefetch,
+                ),
+                Conversion::Bf16ToF32 => kernels.bf16_to_f32.pick(stream)(
+                    bytemuck::cast_slice(table),
+                    dim,
+                    block_rows,
+                    count,
+                    bytemuck::cast_slice_mut(block_out),
+                    prefetch,
+                ),
+            }
+        }
         start = end;
     }
 }
