@@ -50,9 +50,9 @@ impl Table<'_> {
     /// Look up `indices` (any integer type, any shape flattened) into `out`, which must hold
     /// `indices.len() * dim` elements of f32 or of the table's own dtype. Allocates nothing.
     ///
-    /// Outputs larger than the last-level cache are written with streaming stores when `out`
-    /// is 64-byte aligned and rows are whole cache lines: for the fastest large lookups, use an
-    /// aligned buffer (a [`Table::zeros`] of `indices.len()` rows is one, with huge pages).
+    /// Outputs of 32 MiB and more are written with streaming stores when rows are whole cache
+    /// lines and `out` is 64-byte aligned, or, with AVX-512, 16-byte aligned (a large `Vec` is).
+    /// A [`Table::zeros`] of `indices.len()` rows is an aligned buffer with huge pages.
     ///
     /// Every index is checked before any output element is written: on error `out` is
     /// untouched and the error names the first bad index, its position and the row count.

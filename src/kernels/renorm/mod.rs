@@ -74,7 +74,7 @@ pub struct RenormJob {
     /// Write output rows with streaming stores where a kernel has them (the AVX-512 f32
     /// 2-norm rows); the others ignore it. Only when `out` is 64-byte aligned and output rows
     /// are whole cache lines, or `out` is 16-byte aligned, output rows are whole lines and the
-    /// slots are `0..count` ([`use_streaming_stores`](crate::kernels::use_streaming_stores)).
+    /// slots are `0..count` (the lookups decide with `kernels::use_streaming_stores`).
     pub stream_out: bool,
     /// The norm.
     pub norm: NormKind,
