@@ -6,9 +6,9 @@ use std::arch::x86_64::*;
 /// past a line boundary, as whole aligned lines: each line is the end of one vector and the
 /// start of the next, joined in a register (`valignd` by `SHIFT` elements), and leaves with
 /// one streaming store. The first and last lines hold bytes outside the output; they get
-/// ordinary masked stores of the output's bytes only. 16-byte streaming stores instead leave
-/// the lines two rows share to the write-combining buffers to join: measured 10-20% above no
-/// streaming at all, against 40-50% for whole lines (BENCHMARKS.md, "Streaming stores").
+/// ordinary masked stores of the output's bytes only. 16-byte streaming stores instead, which
+/// leave the lines two rows share to the write-combining buffers, gained about a tenth over
+/// no streaming; whole lines nearly double it (BENCHMARKS.md, "Streaming stores").
 pub(crate) struct Realign<const SHIFT: i32> {
     /// The line the next vector completes.
     line: *mut u8,
