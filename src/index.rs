@@ -15,7 +15,7 @@ mod sealed {
 }
 
 /// An integer type that can index table rows: `i32`, `i64`, `u32`, `u64` or `usize`.
-pub trait Index: sealed::Sealed + bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static {
+pub trait Index: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
     /// The value as u64, negative values wrapping to values above `i64::MAX`, so that
     /// `as_wrapped_u64() < rows` is the whole range check for `rows <= i64::MAX` (tables never
     /// exceed `isize::MAX` rows; [`validate`] checks larger counts exactly).

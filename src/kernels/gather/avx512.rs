@@ -50,11 +50,7 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
         unsafe {
             let src = base.add(*rows.get_unchecked(i) * row_bytes);
             let dst = out.as_mut_ptr().add(i * row_bytes);
-            if STREAM {
-                copy_row_stream(src, dst, row_bytes);
-            } else {
-                copy_row(src, dst, row_bytes);
-            }
+            copy_row::<STREAM>(src, dst, row_bytes);
         }
     }
     if STREAM {
@@ -152,73 +148,55 @@ unsafe fn copy_rows_realigned<const SHIFT: i32>(
     _mm_sfence();
 }
 
-/// Copy `n` bytes: four vectors per step, then single vectors, then one masked vector.
+/// Copy `n` bytes: whole vectors, loads before stores, then one masked vector. With `STREAM`
+/// every whole aligned line of `dst` is written with a streaming store (the unaligned head and
+/// the tail with ordinary masked stores), and sixteen loads go before their stores: a
+/// streaming store issued right behind its own load halved the rows/s of random 256-byte rows
+/// (BENCHMARKS.md, "Streaming stores").
 ///
 /// # Safety
 /// `src` readable and `dst` writable for `n` bytes; AVX-512 F and BW.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn copy_row(src: *const u8, dst: *mut u8, n: usize) {
-    let mut off = 0;
-    // SAFETY: every access below stays within `off..n`; masked lanes are not accessed.
-    unsafe {
-        while off + 256 <= n {
-            let a = _mm512_loadu_si512(src.add(off) as *const _);
-            let b = _mm512_loadu_si512(src.add(off + 64) as *const _);
-            let c = _mm512_loadu_si512(src.add(off + 128) as *const _);
-            let d = _mm512_loadu_si512(src.add(off + 192) as *const _);
-            _mm512_storeu_si512(dst.add(off) as *mut _, a);
-            _mm512_storeu_si512(dst.add(off + 64) as *mut _, b);
-            _mm512_storeu_si512(dst.add(off + 128) as *mut _, c);
-            _mm512_storeu_si512(dst.add(off + 192) as *mut _, d);
-            off += 256;
+unsafe fn copy_row<const STREAM: bool>(src: *const u8, dst: *mut u8, n: usize) {
+    let store = |p: *mut u8, v: __m512i| {
+        // SAFETY: the callers below store inside `0..n`, streaming only to aligned lines.
+        unsafe {
+            if STREAM {
+                _mm512_stream_si512(p as *mut _, v)
+            } else {
+                _mm512_storeu_si512(p as *mut _, v)
+            }
         }
-        while off + 64 <= n {
-            let a = _mm512_loadu_si512(src.add(off) as *const _);
-            _mm512_storeu_si512(dst.add(off) as *mut _, a);
-            off += 64;
-        }
-        copy_masked(src.add(off), dst.add(off), n - off);
-    }
-}
-
-/// Copy `n` bytes with streaming stores for every whole aligned line of `dst`.
-///
-/// # Safety
-/// `src` readable and `dst` writable for `n` bytes; AVX-512 F and BW.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn copy_row_stream(src: *const u8, dst: *mut u8, n: usize) {
-    let head = (dst.align_offset(64)).min(n);
-    // SAFETY: the head, the aligned middle and the tail partition `0..n`; streaming stores go
-    // to 64-byte aligned addresses only.
+    };
+    let head = if STREAM {
+        dst.align_offset(64).min(n)
+    } else {
+        0
+    };
+    // SAFETY: the head, the whole vectors and the tail partition `0..n`; with `STREAM` every
+    // vector after the head starts on a line boundary.
     unsafe {
         copy_masked(src, dst, head);
         let mut off = head;
-        // Four loads, then four stores: a streaming store issued right behind its own load
-        // halved the rows/s of random 256-byte rows (BENCHMARKS.md, "Streaming stores").
-        while off + 1024 <= n {
+        while STREAM && off + 1024 <= n {
             let v: [__m512i; 16] =
                 std::array::from_fn(|k| _mm512_loadu_si512(src.add(off + 64 * k) as *const _));
             for (k, v) in v.into_iter().enumerate() {
-                _mm512_stream_si512(dst.add(off + 64 * k) as *mut _, v);
+                store(dst.add(off + 64 * k), v);
             }
             off += 1024;
         }
         while off + 256 <= n {
-            let a = _mm512_loadu_si512(src.add(off) as *const _);
-            let b = _mm512_loadu_si512(src.add(off + 64) as *const _);
-            let c = _mm512_loadu_si512(src.add(off + 128) as *const _);
-            let d = _mm512_loadu_si512(src.add(off + 192) as *const _);
-            _mm512_stream_si512(dst.add(off) as *mut _, a);
-            _mm512_stream_si512(dst.add(off + 64) as *mut _, b);
-            _mm512_stream_si512(dst.add(off + 128) as *mut _, c);
-            _mm512_stream_si512(dst.add(off + 192) as *mut _, d);
+            let v: [__m512i; 4] =
+                std::array::from_fn(|k| _mm512_loadu_si512(src.add(off + 64 * k) as *const _));
+            for (k, v) in v.into_iter().enumerate() {
+                store(dst.add(off + 64 * k), v);
+            }
             off += 256;
         }
         while off + 64 <= n {
-            let a = _mm512_loadu_si512(src.add(off) as *const _);
-            _mm512_stream_si512(dst.add(off) as *mut _, a);
+            store(dst.add(off), _mm512_loadu_si512(src.add(off) as *const _));
             off += 64;
         }
         copy_masked(src.add(off), dst.add(off), n - off);
