@@ -67,6 +67,16 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// Reading a table's pages from its file failed (an out-of-core table's read-ahead): the
+    /// operation stopped before touching the page, so it raised no signal.
+    DiskRead {
+        /// The file.
+        path: PathBuf,
+        /// The byte offset in the file of the page that could not be read.
+        offset: u64,
+        /// The underlying error (`UnexpectedEof` when the file is shorter than the table).
+        source: std::io::Error,
+    },
 }
 
 /// The crate's result type.
@@ -89,6 +99,7 @@ impl Error {
             Error::PerSampleWeights(_) => "per_sample_weights_mode",
             Error::Format { .. } => "format",
             Error::Io { .. } => "io",
+            Error::DiskRead { .. } => "disk_read",
         }
     }
 
@@ -163,6 +174,15 @@ impl fmt::Display for Error {
                 Some(p) => write!(f, "{}: {source}", p.display()),
                 None => write!(f, "{source}"),
             },
+            Error::DiskRead {
+                path,
+                offset,
+                source,
+            } => write!(
+                f,
+                "{}: reading the table's page at byte {offset}: {source}",
+                path.display()
+            ),
         }
     }
 }
@@ -170,7 +190,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::DiskRead { source, .. } => Some(source),
             _ => None,
         }
     }

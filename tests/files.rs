@@ -5,7 +5,14 @@ use std::path::Path;
 use embedding_lookup::{DType, OpenMode, OpenOptions, StorageKind, Table};
 
 fn open(path: &Path, mode: OpenMode) -> embedding_lookup::Result<Table<'static>> {
-    Table::open_with(path, &OpenOptions { tensor: None, mode })
+    Table::open_with(
+        path,
+        &OpenOptions {
+            tensor: None,
+            mode,
+            ..Default::default()
+        },
+    )
 }
 
 #[test]

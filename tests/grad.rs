@@ -861,6 +861,7 @@ fn optimizer_steps_reach_a_writable_file_map() {
             &OpenOptions {
                 tensor: None,
                 mode: OpenMode::MapWritable,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -875,6 +876,7 @@ fn optimizer_steps_reach_a_writable_file_map() {
             &OpenOptions {
                 tensor: None,
                 mode: OpenMode::Copy,
+                ..Default::default()
             },
         )
         .unwrap();

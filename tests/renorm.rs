@@ -420,6 +420,7 @@ fn read_only_tables_refuse_in_place_and_serve_output_only() {
         &OpenOptions {
             tensor: None,
             mode: OpenMode::MapWritable,
+            ..Default::default()
         },
     )
     .unwrap();

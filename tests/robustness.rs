@@ -288,7 +288,15 @@ fn hostile_files_are_refused_with_the_reason() {
         let path = dir.path().join(format!("case{i}.{ext}"));
         std::fs::write(&path, bytes).unwrap();
         for mode in [OpenMode::Map, OpenMode::MapWritable, OpenMode::Copy] {
-            let e = Table::open_with(&path, &OpenOptions { tensor: None, mode }).unwrap_err();
+            let e = Table::open_with(
+                &path,
+                &OpenOptions {
+                    tensor: None,
+                    mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
             let msg = e.to_string();
             assert_eq!(e.kind(), "format", "case {i}: {msg}");
             assert!(
@@ -317,6 +325,7 @@ fn misaligned_data_cannot_be_mapped_writable() {
         &OpenOptions {
             tensor: None,
             mode: OpenMode::MapWritable,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -348,6 +357,7 @@ fn copied_table_survives_the_file_being_truncated_rewritten_or_removed() {
             &OpenOptions {
                 tensor: None,
                 mode: OpenMode::Copy,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -443,7 +453,15 @@ fn truncation_child() {
         "map" => OpenMode::Map,
         _ => OpenMode::Copy,
     };
-    let t = Table::open_with(&path, &OpenOptions { tensor: None, mode }).unwrap();
+    let t = Table::open_with(
+        &path,
+        &OpenOptions {
+            tensor: None,
+            mode,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     std::fs::File::options()
         .write(true)
         .open(&path)
@@ -492,6 +510,7 @@ fn sixty_four_threads_share_one_table() {
                 &OpenOptions {
                     tensor: None,
                     mode: OpenMode::MapWritable,
+                    ..Default::default()
                 },
             )
             .unwrap(),

@@ -164,6 +164,7 @@ fn training_a_writable_file_map_leaves_the_trained_table_in_the_file() {
             &OpenOptions {
                 tensor: None,
                 mode: OpenMode::MapWritable,
+                ..Default::default()
             },
         )
         .unwrap()

@@ -70,7 +70,14 @@ pub fn check(bytes: &[u8], ext: &str) {
                 .as_ref()
                 .ok()
                 .and_then(|p| expected_table(&p.entries, name, mode));
-            let got = Table::open_with(&path, &OpenOptions { tensor: name, mode });
+            let got = Table::open_with(
+                &path,
+                &OpenOptions {
+                    tensor: name,
+                    mode,
+                    ..Default::default()
+                },
+            );
             match (got, want) {
                 (Ok(t), Some(entry)) => check_table(&t, &entry, bytes, mode),
                 (Err(e), None) => assert_eq!(e.kind(), "format", "{e}"),

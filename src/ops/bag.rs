@@ -234,6 +234,7 @@ impl Table<'_> {
         check_weights(options, indices.len())?;
         check_output_len(bounds.bags, self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
+        self.read_ahead(indices)?;
         if let Some(m) = options.max_norm {
             return self.bag_output_only_validated(conversion, indices, &bounds, options, m, out);
         }
@@ -290,6 +291,7 @@ impl Table<'_> {
         check_output_len(bounds.bags, self.dim(), out.len())?;
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
+        self.read_ahead(indices)?;
         renorm_in_place_validated(self, indices, m);
         bag_validated(
             &BagKernels::detect(),

@@ -73,12 +73,31 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         check_output_len(indices.len(), self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
-        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(out));
+        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(out))
+    }
+
+    /// Gather validated `indices` into `out` (bytes of the output dtype, sized for them). An
+    /// out-of-core table's pages are read window by window ahead of the gather; a read error
+    /// stops it before the window that needs the page (earlier windows are written).
+    fn gather_into<I: Index>(
+        &self,
+        conversion: Conversion,
+        indices: &[I],
+        out: &mut [u8],
+    ) -> Result<()> {
+        if let Some(disk) = self.disk() {
+            let out_row_bytes = out.len() / indices.len().max(1);
+            return disk.pipelined(self.as_bytes(), self.row_bytes(), indices, |w| {
+                let out = &mut out[w.start * out_row_bytes..w.end * out_row_bytes];
+                self.gather_resident(conversion, &indices[w], out);
+            });
+        }
+        self.gather_resident(conversion, indices, out);
         Ok(())
     }
 
-    /// Gather validated `indices` into `out` (bytes of the output dtype, sized for them).
-    fn gather_into<I: Index>(&self, conversion: Conversion, indices: &[I], out: &mut [u8]) {
+    /// Gather validated `indices` whose pages are resident (or faulted in on touch).
+    fn gather_resident<I: Index>(&self, conversion: Conversion, indices: &[I], out: &mut [u8]) {
         if conversion == Conversion::Copy && indices.len() <= FEW_ROWS {
             copy_few_rows(self, indices, out);
             return;
@@ -107,7 +126,7 @@ impl Table<'_> {
                 O::DTYPE
             ))
         })?;
-        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(&mut out));
+        self.gather_into(conversion, indices, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
 }

@@ -265,6 +265,8 @@ fn update_rows(
     state: &mut [f32],
     update: impl RowUpdate,
 ) -> Result<()> {
+    // An out-of-core table's rows are read in together first (nothing written on error).
+    table.read_ahead_rows(grad.rows().iter().copied())?;
     match table.dtype() {
         DType::F32 => update_typed(
             table.as_mut_slice::<f32>()?,

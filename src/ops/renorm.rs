@@ -128,6 +128,7 @@ impl Table<'_> {
         check_output_len(indices.len(), self.dim(), out.len())?;
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
+        self.read_ahead(indices)?;
         // Two steps, the same bits as one pass (every value comes from the original rows):
         // the output as output-only computes it, noting the rows it rescaled, then the
         // in-place renorm of those rows alone. Rows within max_norm, which is all of them once
@@ -171,6 +172,7 @@ impl Table<'_> {
         let conversion = Conversion::new(self.dtype(), O::DTYPE)?;
         check_output_len(indices.len(), self.dim(), out.len())?;
         index::validate(indices, self.rows())?;
+        self.read_ahead(indices)?;
         output_pass(
             self,
             indices,
@@ -188,6 +190,7 @@ impl Table<'_> {
     pub fn renorm_in_place<I: Index>(&mut self, indices: &[I], max_norm: MaxNorm) -> Result<()> {
         self.bytes_mut()?;
         index::validate(indices, self.rows())?;
+        self.read_ahead(indices)?;
         renorm_in_place_validated(self, indices, max_norm);
         Ok(())
     }

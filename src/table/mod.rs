@@ -1,7 +1,9 @@
 //! The embedding table: `rows × dim` elements of f32, f16 or bf16, row-major, over owned,
 //! borrowed or memory-mapped storage.
 
+pub(crate) mod disk;
 pub mod formats;
+mod residency;
 mod storage;
 
 use std::fs::File;
@@ -12,8 +14,10 @@ use memmap2::MmapOptions;
 
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::index::normalize_padding_idx;
+use crate::index::{normalize_padding_idx, Index};
+pub use disk::drop_cached_pages;
 use formats::{Format, TensorDType, TensorEntry, TensorToWrite};
+pub use residency::{available_memory, Residency};
 pub use storage::StorageKind;
 use storage::{AlignedBuf, Storage};
 
@@ -89,6 +93,12 @@ pub struct Table<'a> {
     dim: usize,
     padding_idx: Option<usize>,
     zero_copy: bool,
+    /// The policy in force: [`Residency::Resident`] for every storage but an out-of-core map.
+    residency: Residency,
+    /// The file an out-of-core table's pages are read from ahead of each operation.
+    disk: Option<Box<disk::DiskSource>>,
+    /// The file a mapped table views.
+    source_path: Option<std::path::PathBuf>,
 }
 
 // Sharing a table between threads is sound: its storage is read through `&self` only, and
@@ -139,6 +149,12 @@ pub struct OpenOptions<'n> {
     pub tensor: Option<&'n str>,
     /// How to bring the data in.
     pub mode: OpenMode,
+    /// Whether a mapped table is kept in memory or served from disk; [`Residency::Auto`]
+    /// (the default) decides from its size. Ignored by [`OpenMode::Copy`].
+    pub residency: Residency,
+    /// Read a resident map's pages in full while opening (at the disk's sequential speed),
+    /// so that the first lookups do not fault them in one by one. Ignored out of core.
+    pub populate: bool,
 }
 
 impl Table<'static> {
@@ -152,6 +168,9 @@ impl Table<'static> {
             dim,
             padding_idx: None,
             zero_copy: false,
+            residency: Residency::Resident,
+            disk: None,
+            source_path: None,
         })
     }
 
@@ -210,7 +229,7 @@ impl Table<'static> {
             path,
             &OpenOptions {
                 tensor,
-                mode: OpenMode::Map,
+                ..OpenOptions::default()
             },
         )
     }
@@ -232,12 +251,6 @@ impl Table<'static> {
             // mapped; that hazard is documented on `open` and avoided with OpenMode::Copy.
             unsafe { MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?
         };
-        // Huge pages: where the file system caches files in large folios (ext4 from Linux
-        // 6.16), the kernel then fills and maps a cold file in 2 MiB pieces, one TLB entry per
-        // 2 MiB of random rows; a 1 GiB file was first touched 3.8× faster on the reference
-        // machine. A hint, ignored where unsupported.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
         let parsed = formats::parse(&map, format).map_err(|e| e.with_path(path))?;
         let entry = parsed.select(options.tensor, Some(2), path)?.clone();
         let dtype = table_dtype(&entry, path)?;
@@ -250,6 +263,15 @@ impl Table<'static> {
         table_bytes(rows, dim, dtype)
             .map_err(|e| Error::format(Some(path), format!("tensor {}: {e}", entry.describe())))?;
         let aligned = entry.data.start % dtype.size() == 0;
+        let residency = match options.mode {
+            OpenMode::Copy => Residency::Resident,
+            OpenMode::Map | OpenMode::MapWritable => options
+                .residency
+                .resolve(entry.data.len() as u64, available_memory()),
+        };
+        if options.mode == OpenMode::Map {
+            advise(&map, residency);
+        }
         let storage = match options.mode {
             OpenMode::Map if aligned => Storage::Map(map, entry.data.clone()),
             OpenMode::Map | OpenMode::Copy => {
@@ -276,20 +298,39 @@ impl Table<'static> {
                 if map.len() < entry.data.end {
                     return Err(Error::format(Some(path), "file shrank while being opened"));
                 }
-                #[cfg(target_os = "linux")]
-                let _ = map.advise(memmap2::Advice::HugePage); // as for the read-only map
+                advise(&map, residency);
                 Storage::MapMut(map, entry.data.clone())
             }
         };
         let zero_copy = matches!(storage, Storage::Map(..) | Storage::MapMut(..));
-        Ok(Table {
+        let residency = if zero_copy {
+            residency
+        } else {
+            Residency::Resident
+        };
+        let disk = match residency {
+            Residency::OutOfCore => Some(Box::new(disk::DiskSource::open(
+                path,
+                entry.data.start as u64,
+                entry.data.len() as u64,
+            )?)),
+            _ => None,
+        };
+        let table = Table {
             storage,
             dtype,
             rows,
             dim,
             padding_idx: None,
             zero_copy,
-        })
+            residency,
+            disk,
+            source_path: zero_copy.then(|| path.to_path_buf()),
+        };
+        if options.populate && residency == Residency::Resident && zero_copy {
+            storage::populate(table.storage.bytes()).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(table)
     }
 }
 
@@ -304,6 +345,9 @@ impl<'a> Table<'a> {
             dim,
             padding_idx: None,
             zero_copy: true,
+            residency: Residency::Resident,
+            disk: None,
+            source_path: None,
         })
     }
 
@@ -317,6 +361,9 @@ impl<'a> Table<'a> {
             dim,
             padding_idx: None,
             zero_copy: true,
+            residency: Residency::Resident,
+            disk: None,
+            source_path: None,
         })
     }
 
@@ -371,6 +418,98 @@ impl<'a> Table<'a> {
     /// copied. A file whose data is not aligned for its dtype is copied once when opened.
     pub fn is_zero_copy(&self) -> bool {
         self.zero_copy
+    }
+
+    /// Whether the table is kept in memory or served from disk ([`Residency::Resident`] or
+    /// [`Residency::OutOfCore`]; never `Auto`, which is resolved when the file is opened).
+    pub fn residency(&self) -> Residency {
+        self.residency
+    }
+
+    /// The fraction of the rows of `indices` (out-of-range ones count as not resident) whose
+    /// pages are all in memory now (`mincore`), for any storage; 1 where that cannot be known.
+    pub fn resident_fraction<I: Index>(&self, indices: &[I]) -> f64 {
+        if indices.is_empty() || !cfg!(unix) {
+            return 1.0;
+        }
+        let rows = self.rows;
+        let valid = indices
+            .iter()
+            .map(|&i| i.as_wrapped_u64())
+            .filter(move |&r| r < rows as u64)
+            .map(|r| r as usize);
+        disk::resident_rows(self.as_bytes(), self.row_bytes(), valid) as f64 / indices.len() as f64
+    }
+
+    /// Drop a mapped table's pages from memory, so that the next lookups read them from the
+    /// device: unmapped from this process (`MADV_DONTNEED`: a file map's contents stay in the
+    /// file, and a writable map's changes in the page cache) and then dropped from the page cache
+    /// (`POSIX_FADV_DONTNEED`; clean pages only, and not those another process maps). For
+    /// cold-cache benchmarks; a no-op for tables in memory.
+    pub fn drop_cached_pages(&self) -> Result<()> {
+        let map: &[u8] = match &self.storage {
+            Storage::Map(m, _) => m,
+            Storage::MapMut(m, _) => m,
+            _ => return Ok(()),
+        };
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: DONTNEED on a shared file map only removes this process's page-table
+            // entries; the next access faults the same file bytes back in, so no value any
+            // reference sees changes.
+            unsafe {
+                libc::madvise(
+                    map.as_ptr() as *mut libc::c_void,
+                    map.len(),
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = map;
+        match &self.source_path {
+            Some(p) => drop_cached_pages(p),
+            None => Ok(()),
+        }
+    }
+
+    /// The way an out-of-core table reads its pages (`io_uring` or `pread threads`), `None`
+    /// for a resident one.
+    pub fn page_reader(&self) -> Option<&'static str> {
+        self.disk.as_ref().map(|d| d.reader_name())
+    }
+
+    /// For an out-of-core table, read the pages of the rows of validated `indices` that are not
+    /// resident (every request in flight at once), so that the operation about to touch them
+    /// neither faults one page at a time nor meets a read error as a signal. A no-op otherwise.
+    pub(crate) fn read_ahead<I: Index>(&self, indices: &[I]) -> Result<()> {
+        match &self.disk {
+            None => Ok(()),
+            Some(disk) => disk.read_rows(
+                self.as_bytes(),
+                self.row_bytes(),
+                indices.iter().map(|&i| i.as_wrapped_u64() as usize),
+            ),
+        }
+    }
+
+    /// The same for rows given by number (validated).
+    pub(crate) fn read_ahead_rows(&self, rows: impl Iterator<Item = usize>) -> Result<()> {
+        match &self.disk {
+            None => Ok(()),
+            Some(disk) => disk.read_rows(self.as_bytes(), self.row_bytes(), rows),
+        }
+    }
+
+    /// The file behind an out-of-core table.
+    pub(crate) fn disk(&self) -> Option<&disk::DiskSource> {
+        self.disk.as_deref()
+    }
+
+    /// The same, to change in tests.
+    #[cfg(test)]
+    pub(crate) fn disk_mut(&mut self) -> Option<&mut disk::DiskSource> {
+        self.disk.as_deref_mut()
     }
 
     /// The raw bytes, little-endian, row-major.
@@ -478,6 +617,7 @@ impl std::fmt::Debug for Table<'_> {
             .field("storage", &self.storage_kind())
             .field("zero_copy", &self.zero_copy)
             .field("padding_idx", &self.padding_idx)
+            .field("residency", &self.residency)
             .finish()
     }
 }
@@ -515,6 +655,29 @@ pub fn convert_bytes(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
             convert_bytes(DType::F32, &mid, b, dst);
         }
     }
+}
+
+/// Advise a file map for its residency. Resident: huge pages; where the file system caches
+/// files in large folios (ext4 from Linux 6.16), the kernel then fills and maps a cold file in
+/// 2 MiB pieces, one TLB entry per 2 MiB of random rows (a 1 GiB file was first touched 3.8×
+/// faster on the reference machine). Out of core: random access, so that a fault reads its own
+/// page and nothing around it (with huge pages, a cold 36 GiB table read 1.4 MiB per 256-byte
+/// row). Hints, ignored where unsupported.
+fn advise(map: &[u8], residency: Residency) {
+    #[cfg(target_os = "linux")]
+    {
+        let advice = match residency {
+            Residency::OutOfCore => libc::MADV_RANDOM,
+            _ => libc::MADV_HUGEPAGE,
+        };
+        // SAFETY: madvise with these advices only changes how the kernel pages the range in;
+        // `map` is a whole live mapping, so the range is mapped and page-aligned.
+        unsafe {
+            libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), advice);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, residency);
 }
 
 fn table_dtype(entry: &TensorEntry, path: &Path) -> Result<DType> {

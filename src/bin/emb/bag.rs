@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embedding_lookup::table::formats::{self, Format, TensorDType};
+use embedding_lookup::table::Residency;
 use embedding_lookup::{
     BagMode, BagOptions, Bags, DType, Element, Index, MaxNorm, OpenMode, Table,
 };
@@ -64,6 +65,10 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep the table in memory (resident), serve it from disk with batch read-ahead
+    /// (out-of-core), or choose from its size against available memory (auto).
+    #[arg(long, default_value = "auto")]
+    residency: Residency,
 }
 
 fn parse_norm_type(s: &str) -> Result<f64, String> {
@@ -82,7 +87,7 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     } else {
         OpenMode::Map
     };
-    let (mut table, table_path) = open_table(&args.table, mode)?;
+    let (mut table, table_path) = open_table(&args.table, mode, args.residency)?;
     if let Some(p) = args.padding_idx {
         table = table.with_padding_idx(p)?;
     }

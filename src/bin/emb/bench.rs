@@ -24,7 +24,7 @@ pub struct Args {
     dtype: DType,
     /// Lookups per iteration.
     #[arg(long, default_value_t = 1 << 20)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// The operation: lookup, renorm (lookup with max_norm) or bag.
     #[arg(long, default_value = "lookup", value_parser = ["lookup", "renorm", "bag"])]
     op: String,
@@ -44,7 +44,7 @@ pub struct Args {
     renorm: String,
     /// Index distribution: uniform or zipf:S.
     #[arg(long, default_value = "uniform")]
-    dist: Distribution,
+    pub(crate) dist: Distribution,
     /// Where the table lives: memory, or mmap (written to a temporary file, mapped, pages
     /// cached before timing).
     #[arg(long, default_value = "memory", value_parser = ["memory", "mmap"])]
@@ -54,10 +54,10 @@ pub struct Args {
     out_dtype: String,
     /// Threads (default: all cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Timed iterations.
     #[arg(long, default_value_t = 11)]
-    iters: usize,
+    pub(crate) iters: usize,
     /// Rows ahead to prefetch (default: the library's measured default).
     #[arg(long)]
     prefetch: Option<usize>,
@@ -70,7 +70,21 @@ pub struct Args {
     out_offset: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Benchmark lookups from an existing table file, FILE[:TENSOR], mapped as `emb lookup`
+    /// maps it (no copy into memory), against the device's own random-read rate on the same
+    /// file. Each timed batch draws new ids (--batch of them, from --dist).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    pub(crate) table: Option<String>,
+    /// With --table: drop the file's cached pages before each timed batch.
+    #[arg(long, requires = "table")]
+    pub(crate) cold: bool,
+    /// With --table: the residency policy (auto, resident, out-of-core).
+    #[arg(long, default_value = "auto", requires = "table")]
+    pub(crate) residency: embedding_lookup::table::Residency,
+    /// With --table: seconds for each of the device measurements (depth 1 and 32).
+    #[arg(long, default_value_t = 3.0, requires = "table")]
+    pub(crate) device_seconds: f64,
 }
 
 /// Bytes each memcpy baseline iteration copies (read + written counts twice this).
@@ -83,6 +97,9 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
 
 fn run_in_pool(args: Args, verbose: bool) -> CliResult {
     use embedding_lookup::kernels;
+    if let Some(spec) = args.table.clone() {
+        return crate::bench_table::run(&args, &spec, verbose);
+    }
     if let Some(p) = args.prefetch {
         kernels::set_prefetch_distance(p);
     }
@@ -330,10 +347,10 @@ fn run_op<O: Element>(
     }
 }
 
-struct Timing {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Timing {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
 fn time_iters(
@@ -364,14 +381,14 @@ fn cast_mut<T: bytemuck::Pod>(bytes: &mut [u8]) -> &mut [T] {
 
 /// A progress line on stderr, shown once the run has taken more than a second: redrawn in
 /// place on a terminal, otherwise one line per step at most every few seconds.
-struct Progress {
+pub(crate) struct Progress {
     started: Instant,
     terminal: bool,
     last: std::cell::Cell<f64>,
 }
 
 impl Progress {
-    fn new(started: Instant) -> Progress {
+    pub(crate) fn new(started: Instant) -> Progress {
         use std::io::IsTerminal;
         Progress {
             started,
@@ -379,7 +396,7 @@ impl Progress {
             last: std::cell::Cell::new(0.0),
         }
     }
-    fn say(&self, what: &str) {
+    pub(crate) fn say(&self, what: &str) {
         let now = self.started.elapsed().as_secs_f64();
         if now < 1.0 {
             return;
@@ -392,7 +409,7 @@ impl Progress {
             eprintln!("[{now:>5.1} s] {what}");
         }
     }
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         if self.terminal && self.started.elapsed().as_secs_f64() > 1.0 {
             eprint!("\r\x1b[2K");
         }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use embedding_lookup::table::convert_bytes;
 use embedding_lookup::table::formats::{self, TensorDType};
+use embedding_lookup::table::Residency;
 use embedding_lookup::{DType, OpenMode};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -29,7 +30,7 @@ const BLOCK_BYTES: usize = 8 << 20;
 const PROGRESS_BYTES: usize = 64 << 20;
 
 pub fn run(args: Args, verbose: bool) -> CliResult {
-    let (table, path) = open_table(&args.input, OpenMode::Map)?;
+    let (table, path) = open_table(&args.input, OpenMode::Map, Residency::Resident)?;
     let (from, to) = (table.dtype(), args.dtype);
     let mut file = formats::begin_single_tensor(
         &args.output,

@@ -3,17 +3,24 @@
 use std::path::{Path, PathBuf};
 
 use embedding_lookup::table::formats::{self, Format, TensorDType};
+use embedding_lookup::table::Residency;
 use embedding_lookup::{Error, OpenMode, OpenOptions, Table};
 use memmap2::Mmap;
 
 /// Open a table from `FILE[:TENSOR]`.
-pub fn open_table(spec: &str, mode: OpenMode) -> Result<(Table<'static>, PathBuf), Error> {
+pub fn open_table(
+    spec: &str,
+    mode: OpenMode,
+    residency: Residency,
+) -> Result<(Table<'static>, PathBuf), Error> {
     let (path, tensor) = formats::split_tensor_spec(spec);
     let table = Table::open_with(
         &path,
         &OpenOptions {
             tensor: tensor.as_deref(),
             mode,
+            residency,
+            populate: false,
         },
     )?;
     Ok((table, path))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embedding_lookup::table::formats::{self, Format, TensorDType};
+use embedding_lookup::table::Residency;
 use embedding_lookup::{DType, Element, Index, MaxNorm, OpenMode, Table};
 use half::{bf16, f16};
 
@@ -32,6 +33,10 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep the table in memory (resident), serve it from disk with batch read-ahead
+    /// (out-of-core), or choose from its size against available memory (auto).
+    #[arg(long, default_value = "auto")]
+    residency: Residency,
     /// PyTorch's max_norm: rows whose norm exceeds this are rescaled to it (> 0). Without
     /// --write-back the table file is left untouched and the output holds the rescaled rows.
     #[arg(long, allow_hyphen_values = true)]
@@ -88,7 +93,7 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
         Renorm::InPlace(_) => OpenMode::MapWritable,
         _ => OpenMode::Map,
     };
-    let (mut table, table_path) = open_table(&args.table, mode)?;
+    let (mut table, table_path) = open_table(&args.table, mode, args.residency)?;
     if let Some(p) = args.padding_idx {
         table = table.with_padding_idx(p)?;
     }
@@ -105,13 +110,18 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     }
     if verbose {
         eprintln!(
-            "table {}: {} × {} {}, {:?}, zero-copy: {}; kernel {}",
+            "table {}: {} × {} {}, {:?}, zero-copy: {}, {}{}; kernel {}",
             table_path.display(),
             table.rows(),
             table.dim(),
             table.dtype(),
             table.storage_kind(),
             table.is_zero_copy(),
+            table.residency(),
+            table
+                .page_reader()
+                .map(|r| format!(" (pages read by {r})"))
+                .unwrap_or_default(),
             embedding_lookup::kernel_name()
         );
         match renorm {

@@ -5,9 +5,12 @@
 
 mod bag;
 mod bench;
+mod bench_table;
 mod conformance;
 mod convert;
+mod create;
 mod demo;
+mod device;
 mod info;
 mod input;
 mod lookup;
@@ -47,6 +50,8 @@ enum Command {
     Conformance(conformance::Args),
     /// Time an operation on a generated workload against memcpy and a naive loop.
     Bench(bench::Args),
+    /// Write a large table of random values (for the larger-than-memory benchmarks).
+    Create(create::Args),
     /// Create a demo table, map it, look up the (2, 4) example indices, and measure throughput.
     Demo(demo::Args),
 }
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a, cli.verbose),
         Command::Conformance(a) => conformance::run(a, cli.verbose),
         Command::Demo(a) => demo::run(a, cli.verbose),
+        Command::Create(a) => create::run(a, cli.verbose),
         Command::Bench(a) => bench::run(a, cli.verbose),
     };
     match result {
