@@ -125,6 +125,11 @@ const _: () = {
 /// - **Replaced by renaming** a new file over it, as [`Table::save`] and every `emb` output
 ///   do: safe. The map keeps the old file's pages until the table is dropped.
 ///
+/// An out-of-core table ([`Residency::OutOfCore`]) reads each batch's missing pages ahead
+/// with ordinary reads: a read that fails or comes back short because the file shrank is an
+/// [`Error::DiskRead`] naming the file and offset, before any row of
+/// that window is copied. A truncation between that read and the copy still raises SIGBUS.
+///
 /// What is guarded: every size in the header is checked, with overflow-checked arithmetic,
 /// against the file's length when it is mapped, before any tensor byte is read; a writable
 /// map is re-checked after remapping. `Copy` reads the data once while opening and owns it
