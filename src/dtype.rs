@@ -68,7 +68,8 @@ pub trait Element:
 {
     /// The run-time tag of this type.
     const DTYPE: DType;
-    /// Widen to f32 (exact for all three types).
+    /// Widen to f32: exact for all three types, bf16 bit for bit (a signalling NaN stays
+    /// signalling, as PyTorch's `c10::BFloat16` widens it).
     fn to_f32(self) -> f32;
     /// Round from f32 to nearest, ties to even (as `half` does).
     fn from_f32(v: f32) -> Self;
@@ -102,7 +103,9 @@ impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        // bf16 is the top half of an f32. `half`'s own conversion sets the quiet bit of a
+        // NaN, which would make a row copied through it differ from the stored bits.
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {

@@ -527,3 +527,65 @@ fn streamed_output_matches_ordinary_stores() {
         );
     }
 }
+
+/// A bf16 row holding a signalling NaN has a NaN norm and is left alone: the lookup returns
+/// its stored bits, widened with the quiet bit still clear, through every path that widens
+/// (the renorm lookups in both modes, the plain lookup, `to_dtype`). Runs on the detected
+/// kernels; CI runs it again with every forced `EMBEDDING_LOOKUP_ISA`.
+#[test]
+fn bf16_signalling_nan_rows_come_out_with_their_bits() {
+    // 35 wide: a full vector of 32 and a tail of 3, the NaN in the tail (where the AVX2,
+    // portable and scalar kernels once quieted it) and in the body.
+    let (rows, dim) = (4, 35);
+    let mut bits: Vec<u16> = (0..rows * dim)
+        .map(|i| bf16::from_f32(((i % 7) as f32 - 3.0) * 0.75).to_bits())
+        .collect();
+    bits[33] = 0xff8d;
+    bits[dim + 3] = 0x7f81;
+    let values: Vec<bf16> = bits.iter().map(|&b| bf16::from_bits(b)).collect();
+    let mut table = Table::from_slice(&values, rows, dim).unwrap();
+    let indices: Vec<i64> = vec![0, 1, 2, 3, 1, 0];
+    let widened = |r: usize| -> Vec<u32> {
+        bits[r * dim..(r + 1) * dim]
+            .iter()
+            .map(|&b| (b as u32) << 16)
+            .collect()
+    };
+    let m = MaxNorm::new(1.0).unwrap();
+    let plain: Vec<f32> = table.lookup(&indices).unwrap();
+    let mut only = vec![0.0f32; indices.len() * dim];
+    table
+        .lookup_renorm_output_only(&indices, &mut only, m)
+        .unwrap();
+    let mut in_place = vec![0.0f32; indices.len() * dim];
+    table
+        .lookup_renorm_in_place(&indices, &mut in_place, m)
+        .unwrap();
+    for (what, out) in [
+        ("lookup", &plain),
+        ("output only", &only),
+        ("in place", &in_place),
+    ] {
+        for (pos, &r) in indices.iter().enumerate() {
+            let got: Vec<u32> = out[pos * dim..(pos + 1) * dim]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            if r < 2 {
+                assert_eq!(got, widened(r as usize), "{what}: position {pos}, row {r}");
+            } else if what != "lookup" {
+                assert_ne!(got, widened(r as usize), "{what}: row {r} was not rescaled");
+            }
+        }
+    }
+    // Rows 0 and 1 are unchanged in the table; rows 2 and 3 were rescaled in place.
+    let after: &[u16] = bytemuck::cast_slice(table.as_bytes());
+    assert_eq!(&after[..2 * dim], &bits[..2 * dim]);
+    let f32_table = Table::from_slice(&values, rows, dim)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let f32_bits: &[u32] = bytemuck::cast_slice(f32_table.as_bytes());
+    assert_eq!(f32_bits[33], 0xff8d_0000, "to_dtype(F32)");
+    assert_eq!(f32_bits[dim + 3], 0x7f81_0000, "to_dtype(F32)");
+}

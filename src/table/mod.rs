@@ -650,8 +650,12 @@ pub fn convert_bytes(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
         (DType::F16, DType::F32) => {
             typed::<f16>(src).convert_to_f32_slice(bytemuck::cast_slice_mut(dst))
         }
+        // Bit for bit, signalling NaNs included (`half`'s slice conversion quiets them).
         (DType::BF16, DType::F32) => {
-            typed::<bf16>(src).convert_to_f32_slice(bytemuck::cast_slice_mut(dst))
+            let dst: &mut [f32] = bytemuck::cast_slice_mut(dst);
+            for (d, &x) in dst.iter_mut().zip(typed::<bf16>(src).iter()) {
+                *d = Element::to_f32(x);
+            }
         }
         // f16 <-> bf16 through f32: widening is exact, so one rounding.
         (a, b) => {

@@ -355,3 +355,97 @@ fn reduce16_is_the_documented_tree() {
     let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
     assert_eq!(reduce16(v).to_bits(), (s2[0] + s2[1]).to_bits());
 }
+
+/// A row holding a signalling NaN has a NaN norm, so it is never rescaled: every kernel must
+/// give its stored bits back, widened bf16 with its payload and its quiet bit still clear (as
+/// PyTorch's `c10::BFloat16` widens), not a NaN quieted by a round trip through arithmetic or
+/// a conversion. The rows beside it are rescaled, and agree with the reference. f16 widens
+/// through the F16C conversion, which quiets signalling NaNs on every path alike: there the
+/// kernels must agree with the reference.
+#[test]
+fn rows_with_signalling_nans_come_out_bit_for_bit() {
+    fn check<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn, nans: [T; 2], exact: bool) {
+        let mut rng = Rng::new(19);
+        let reference = RenormKernels::for_isa(Isa::Scalar).unwrap();
+        let widen = |x: T| -> u32 {
+            let b = bytes_of(&[x]);
+            match b.len() {
+                4 => u32::from_le_bytes(b.try_into().unwrap()),
+                _ => (u16::from_le_bytes(b.try_into().unwrap()) as u32) << 16,
+            }
+        };
+        for dim in widths().filter(|&d| d > 0) {
+            for pos in [0, dim / 2, dim - 1] {
+                // Rows of norm well above 1, rescaled with max_norm 1; rows 0 and 1 each carry
+                // one signalling NaN (negative and positive, different payloads).
+                let mut table: Vec<T> = (0..ROWS * dim)
+                    .map(|_| T::from_f32(4.0 * rng.normal()))
+                    .collect();
+                table[pos] = nans[0];
+                table[dim + pos] = nans[1];
+                let mut rows: Vec<usize> = (0..ROWS).rev().collect();
+                rows.extend(std::iter::repeat_n(0, DEFAULT_PREFETCH_DISTANCE));
+                for isa in Isa::all_available() {
+                    let k = RenormKernels::for_isa(isa).unwrap();
+                    for norm in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
+                        for out_kind in [Some(false), Some(true)] {
+                            for write_back in [false, true] {
+                                let setup = Setup {
+                                    norm,
+                                    write_back,
+                                    out_kind,
+                                    max_norm: 1.0,
+                                    stream_out: false,
+                                    out_skew: 0,
+                                };
+                                let what = format!(
+                                    "{} {:?}, dim {dim}, NaN at {pos}, {setup:?}",
+                                    k.name(),
+                                    T::DTYPE
+                                );
+                                let got = run(pick(&k), &table, dim, &rows, ROWS, setup);
+                                let want = run(pick(&reference), &table, dim, &rows, ROWS, setup);
+                                assert_eq!(got, want, "{what}");
+                                if write_back {
+                                    assert_ne!(got.0, bytes_of(&table), "nothing rescaled: {what}");
+                                }
+                                // Entry k (row ROWS-1-k) went to slot ROWS-1-k: row r to slot r.
+                                let size = std::mem::size_of::<T>();
+                                for r in [0, 1] {
+                                    let stored = &table[r * dim..(r + 1) * dim];
+                                    assert_eq!(
+                                        &got.0[r * dim * size..(r + 1) * dim * size],
+                                        &bytes_of(stored)[..],
+                                        "table row {r} changed: {what}"
+                                    );
+                                    let expect: Vec<u8> = if out_kind == Some(true) {
+                                        stored
+                                            .iter()
+                                            .flat_map(|&x| widen(x).to_le_bytes())
+                                            .collect()
+                                    } else {
+                                        bytes_of(stored)
+                                    };
+                                    let out_row = match out_kind {
+                                        Some(true) => 4 * dim,
+                                        _ => size * dim,
+                                    };
+                                    let got_row = &got.1[r * out_row..(r + 1) * out_row];
+                                    if exact || out_kind == Some(false) {
+                                        assert_eq!(got_row, &expect[..], "output row {r}: {what}");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let snan_bf16 = [bf16::from_bits(0xff8d), bf16::from_bits(0x7f81)];
+    check::<bf16>(|k| k.bf16, snan_bf16, true);
+    let snan_f32 = [f32::from_bits(0xff80_0001), f32::from_bits(0x7fa0_0000)];
+    check::<f32>(|k| k.f32, snan_f32, true);
+    let snan_f16 = [f16::from_bits(0xfc01), f16::from_bits(0x7d00)];
+    check::<f16>(|k| k.f16, snan_f16, false);
+}
