@@ -11,8 +11,8 @@
 //!
 //! Every kernel computes each output element in the same order as the scalar reference
 //! (entries in bag order, starting from +0.0; max starting from the first entry), so results
-//! are bit-identical across instruction sets, except that the portable kernel's weighted sum
-//! may round the multiply and the add separately where the target has no FMA.
+//! are bit-identical across instruction sets (the weighted sum's multiply-add rounds once on
+//! every kernel, the portable one included).
 
 mod portable;
 pub(crate) mod scalar;
@@ -249,17 +249,6 @@ mod tests {
             .collect()
     }
 
-    /// Weighted sums match the reference exactly where the kernel fuses the multiply-add; the
-    /// portable kernel may not, so it is held to a tolerance there.
-    fn close(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len()
-            && a.iter().zip(b).all(|(&x, &y)| {
-                x.to_bits() == y.to_bits()
-                    || (x - y).abs() <= 1e-5 * (1.0 + y.abs())
-                    || (x.is_nan() && y.is_nan())
-            })
-    }
-
     const POOLS: [(Pool, bool); 4] = [
         (Pool::Sum, false),
         (Pool::Sum, true),
@@ -292,13 +281,8 @@ mod tests {
                         (reference.f32)(&table, dim, &b, pool, &mut want);
                         (k.f32)(&table, dim, &b, pool, &mut got);
                     }
-                    let ok = if weighted && isa == Isa::Portable {
-                        close(&got, &want)
-                    } else {
-                        same_bits(&got, &want)
-                    };
                     assert!(
-                        ok,
+                        same_bits(&got, &want),
                         "{} f32 {pool:?} weighted {weighted} dim {dim}",
                         k.name()
                     );
@@ -347,24 +331,67 @@ mod tests {
                             nat_ref(&table, dim, &b, pool, &mut want16);
                             nat_k(&table, dim, &b, pool, &mut got16);
                         }
-                        if weighted && isa == Isa::Portable {
-                            assert!(close(&got, &want), "{what} (to f32)");
-                        } else {
-                            assert!(same_bits(&got, &want), "{what} (to f32)");
-                            let nan = |h: u16| {
-                                if bf16 {
-                                    h & 0x7fff > 0x7f80
-                                } else {
-                                    h & 0x7fff > 0x7c00
-                                }
-                            };
-                            let same16 = got16
-                                .iter()
-                                .zip(&want16)
-                                .all(|(&g, &w)| g == w || (nan(g) && nan(w)));
-                            assert!(same16, "{what} (native)");
-                        }
+                        assert!(same_bits(&got, &want), "{what} (to f32)");
+                        let nan = |h: u16| {
+                            if bf16 {
+                                h & 0x7fff > 0x7f80
+                            } else {
+                                h & 0x7fff > 0x7c00
+                            }
+                        };
+                        let same16 = got16
+                            .iter()
+                            .zip(&want16)
+                            .all(|(&g, &w)| g == w || (nan(g) && nan(w)));
+                        assert!(same16, "{what} (native)");
                     }
+                }
+            }
+        }
+    }
+
+    /// A weighted entry whose product overflows f32 but whose fused sum does not: rounding
+    /// the product first gives +inf (and +inf + -inf = NaN one entry later), the reference's
+    /// single rounding gives a finite sum. Every kernel, on every nonzero width, rounds once. (The
+    /// portable kernel rounded twice on x86_64, where `wide` has no FMA at compile time.)
+    #[test]
+    fn weighted_sums_round_once_even_where_the_product_overflows() {
+        let reference = BagKernels::for_isa(Isa::Scalar).unwrap();
+        for isa in Isa::all_available() {
+            let k = BagKernels::for_isa(isa).unwrap();
+            for &dim in WIDTHS.iter().filter(|&&d| d > 0) {
+                // Row 0 = -3e38, row 1 = 3e38, row 2 = -inf; bag {0 × 1, 1 × 2, 2 × 1}.
+                let mut table = vec![-3e38f32; dim];
+                table.extend(std::iter::repeat_n(3e38f32, dim));
+                table.extend(std::iter::repeat_n(f32::NEG_INFINITY, dim));
+                for (rows, want_first) in
+                    [(&[0usize, 1][..], 3e38f32), (&[0, 1, 2], f32::NEG_INFINITY)]
+                {
+                    let weights = [1.0f32, 2.0, 1.0];
+                    let bounds = [0, rows.len()];
+                    let b = BagBlock {
+                        rows,
+                        bounds: &bounds,
+                        weights: Some(&weights[..rows.len()]),
+                        prefetch: DEFAULT_PREFETCH_DISTANCE,
+                    };
+                    let mut want = vec![0.0f32; dim];
+                    let mut got = vec![0.0f32; dim];
+                    // SAFETY: rows below 3, bounds within `rows`, buffers hold the one bag.
+                    unsafe {
+                        (reference.f32)(&table, dim, &b, Pool::Sum, &mut want);
+                        (k.f32)(&table, dim, &b, Pool::Sum, &mut got);
+                    }
+                    assert_eq!(
+                        want[0].to_bits(),
+                        want_first.to_bits(),
+                        "the reference fuses"
+                    );
+                    assert!(
+                        same_bits(&got, &want),
+                        "{} dim {dim} rows {rows:?}: {got:?}",
+                        k.name()
+                    );
                 }
             }
         }

@@ -2,8 +2,9 @@
 //! kernels (up to eight accumulator vectors per pass, then scalar accumulators for the last
 //! `dim % 8` columns), with prefetch where the target has a prefetch instruction.
 //!
-//! `wide` fuses the weighted sum's multiply-add only where the target has FMA (aarch64, or
-//! x86_64 built with `fma`); elsewhere it rounds twice, and the tests allow for that.
+//! The weighted sum's multiply-add rounds once, as in the scalar reference, on every target:
+//! `wide` fuses it where the target has FMA at compile time (aarch64, or x86_64 built with
+//! `fma`); elsewhere [`fused_mul_add`] goes lane by lane through `f32::mul_add`.
 
 use bytemuck::cast;
 use half::f16;
@@ -15,6 +16,34 @@ use crate::kernels::prefetch_read;
 
 /// f32 lanes per vector.
 const LANES: usize = 8;
+
+/// `x * w + a` rounded once, lane by lane equal to `f32::mul_add` (the scalar reference).
+///
+/// `wide` rounds the product and the sum separately where the target lacks FMA at compile
+/// time, and two roundings can differ from one by far more than an ulp when the product
+/// overflows (a finite fused sum becomes ±inf, or ±inf + ∓inf = NaN). There each lane goes
+/// through `f32::mul_add`, a correct library call; on x86_64 this kernel runs only where AVX2
+/// is missing or when forced, so the slower call costs nothing on the usual path.
+#[inline(always)]
+fn fused_mul_add(x: f32x8, w: f32x8, a: f32x8) -> f32x8 {
+    #[cfg(any(
+        all(target_arch = "aarch64", target_feature = "neon"),
+        all(target_feature = "avx", target_feature = "fma")
+    ))]
+    {
+        x.mul_add(w, a)
+    }
+    #[cfg(not(any(
+        all(target_arch = "aarch64", target_feature = "neon"),
+        all(target_feature = "avx", target_feature = "fma")
+    )))]
+    {
+        let (x, w, a) = (x.to_array(), w.to_array(), a.to_array());
+        f32x8::from(std::array::from_fn::<f32, LANES, _>(|k| {
+            x[k].mul_add(w[k], a[k])
+        }))
+    }
+}
 /// Accumulator vectors per pass over a bag.
 const MAX_VECS: usize = 8;
 
@@ -267,7 +296,7 @@ impl<T: Copy> Pass<'_, T> {
                 (Some(w), false) => {
                     let w = f32x8::splat(w[i]);
                     for (v, a) in acc.iter_mut().enumerate() {
-                        *a = x(v).mul_add(w, *a);
+                        *a = fused_mul_add(x(v), w, *a);
                     }
                 }
                 (None, false) => {
