@@ -303,18 +303,16 @@ fn conformance_runs_the_fixtures_and_writes_results() {
     );
 }
 
-#[test]
-fn conformance_fails_on_a_wrong_case() {
-    let f = Files::new();
+/// The fixtures' hand-made example, loaded for tampering.
+fn example_case() -> embedding_lookup::conformance::Case {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/torch");
-    let mut case = embedding_lookup::conformance::Case::load(
-        &fixtures.join("lookup_seed_example.safetensors"),
-    )
-    .unwrap();
-    let out = case.tensors.get_mut("out").unwrap();
-    out.data[0] ^= 0x40;
-    let dir = f.p("cases");
-    std::fs::create_dir(&dir).unwrap();
+    embedding_lookup::conformance::Case::load(&fixtures.join("lookup_seed_example.safetensors"))
+        .unwrap()
+}
+
+/// Write `case` as `dir/name.safetensors`.
+fn write_case(dir: &Path, name: &str, case: &embedding_lookup::conformance::Case) {
+    std::fs::create_dir_all(dir).unwrap();
     let tensors: Vec<TensorToWrite<'_>> = case
         .tensors
         .iter()
@@ -325,7 +323,22 @@ fn conformance_fails_on_a_wrong_case() {
             data: &t.data,
         })
         .collect();
-    write_tensors(&dir.join("tampered.safetensors"), &tensors, &case.metadata).unwrap();
+    write_tensors(
+        &dir.join(format!("{name}.safetensors")),
+        &tensors,
+        &case.metadata,
+    )
+    .unwrap();
+}
+
+#[test]
+fn conformance_fails_on_a_wrong_case() {
+    let f = Files::new();
+    let mut case = example_case();
+    let out = case.tensors.get_mut("out").unwrap();
+    out.data[0] ^= 0x40;
+    let dir = f.p("cases");
+    write_case(&dir, "tampered", &case);
     let o = emb(&["conformance", s(&dir)]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -333,6 +346,54 @@ fn conformance_fails_on_a_wrong_case() {
         text.contains("FAIL tampered") && text.contains("0 passed, 1 failed"),
         "{text}"
     );
+}
+
+/// A case without its expected output checks nothing: it fails rather than passes.
+#[test]
+fn conformance_fails_a_case_without_its_expected_tensor() {
+    let f = Files::new();
+    let mut case = example_case();
+    case.tensors.remove("out");
+    let dir = f.p("cases");
+    write_case(&dir, "no_out", &case);
+    let o = emb(&["conformance", s(&dir)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL no_out") && text.contains("no expected tensor \"out\""),
+        "{text}"
+    );
+}
+
+/// Skipped cases (an operation this version does not know) fail the run unless allowed, and
+/// a run in which nothing passed fails even then.
+#[test]
+fn conformance_fails_when_cases_are_skipped_or_nothing_passed() {
+    let f = Files::new();
+    let mut unknown = example_case();
+    unknown
+        .metadata
+        .insert("op".into(), "\"embedding_quantum\"".into());
+    let only_skips = f.p("only_skips");
+    write_case(&only_skips, "future_op", &unknown);
+    for extra in [&[][..], &["--allow-skipped"]] {
+        let mut args = vec!["conformance", s(&only_skips)];
+        args.extend_from_slice(extra);
+        let o = emb(&args);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no case passed"), "{err}");
+    }
+    let mixed = f.p("mixed");
+    write_case(&mixed, "future_op", &unknown);
+    write_case(&mixed, "example", &example_case());
+    let o = emb(&["conformance", s(&mixed)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("1 passed, 0 failed, 1 skipped"), "{text}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--allow-skipped"));
+    let o = emb(&["conformance", s(&mixed), "--allow-skipped"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub(super) fn run(case: &Case, report: &mut CaseReport) -> Result<()> {
     let Some((dense, pairs)) = report.settle(case, result) else {
         return Ok(());
     };
-    if let Some(want) = case.tensors.get("grad_weight") {
+    if let Some(want) = report.expected(case, "grad_weight") {
         check_close(report, "grad_weight", &dense, &want.to_f32()?, RTOL, ATOL);
     }
     report.produced.push((
@@ -46,12 +46,12 @@ pub(super) fn run(case: &Case, report: &mut CaseReport) -> Result<()> {
     if let Some(pairs) = pairs {
         let gi = Tensor::from_slice(TensorDType::I64, vec![pairs.len()], pairs.indices());
         let gv = Tensor::from_f32(DType::F32, vec![pairs.len(), dim], pairs.values());
-        if let Some(want) = case.tensors.get("grad_indices") {
+        if let Some(want) = report.expected(case, "grad_indices") {
             // Compare as i64 whatever integer type the fixture used.
             let want = Tensor::from_slice(TensorDType::I64, want.shape.clone(), &want.to_i64()?);
             check_exact(report, "grad_indices", &gi, &want);
         }
-        if let Some(want) = case.tensors.get("grad_values") {
+        if let Some(want) = report.expected(case, "grad_values") {
             check_close(
                 report,
                 "grad_values",

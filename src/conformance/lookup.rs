@@ -24,7 +24,7 @@ pub(super) fn run(case: &Case, report: &mut CaseReport) -> Result<()> {
         shape: crate::output_shape(&indices.shape, dim),
         data: out,
     };
-    if let Some(want) = case.tensors.get("out") {
+    if let Some(want) = report.expected(case, "out") {
         check_exact(report, "out", &out, want);
     }
     report.produced.push(("out".into(), out));

@@ -4,8 +4,10 @@
 //! A case is a `.safetensors` file holding input tensors (`weight`, `indices`, ...), the
 //! expected outputs (`out`, `weight_after`, `grad_weight`, ...) and string metadata (`op`,
 //! `padding_idx`, `max_norm`, `expect_error`, ...). `emb conformance` and the test suite both
-//! run cases through [`run_case`]. Operations not built yet report [`Outcome::Skipped`], never
-//! passed.
+//! run cases through [`run_case`]. A case passes only when something was compared: a case
+//! without `expect_error` must hold every expected tensor its operation produces (a missing
+//! one fails the case), and an operation this library does not know is
+//! [`Outcome::Skipped`], never passed.
 
 mod bag;
 mod grad;
@@ -282,6 +284,18 @@ impl CaseReport {
         }
     }
 
+    /// The expected tensor `name` of a case that was not refused; a case without it fails,
+    /// since a result that is not compared with anything proves nothing.
+    pub(crate) fn expected<'c>(&mut self, case: &'c Case, name: &str) -> Option<&'c Tensor> {
+        let want = case.tensors.get(name);
+        if want.is_none() {
+            self.fail(format!(
+                "the case has no expected tensor {name:?}, so the result cannot be checked"
+            ));
+        }
+        want
+    }
+
     /// Settle a result against the case's `expect_error`: an expected error must be the one
     /// produced; an unexpected one fails the case.
     pub(crate) fn settle<T>(&mut self, case: &Case, result: Result<T>) -> Option<T> {
@@ -392,7 +406,9 @@ pub(crate) fn check_exact(report: &mut CaseReport, what: &str, got: &Tensor, wan
     }
 }
 
-/// Compare f32 values: `|got - want| <= atol + rtol * |want|` everywhere.
+/// Compare f32 values: `|got - want| <= atol + rtol * |want|` everywhere, except that a
+/// non-finite expectation (±inf, NaN) and a tolerance of zero require equal bits: otherwise
+/// `rtol * inf` would accept anything, and `-0 == +0` would pass a sign error.
 #[allow(dead_code)] // used by the renorm, bag and gradient operations
 pub(crate) fn check_close(
     report: &mut CaseReport,
@@ -410,10 +426,19 @@ pub(crate) fn check_close(
         ));
         return;
     }
+    let exact = rtol == 0.0 && atol == 0.0;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = (g - w).abs() <= atol + rtol * w.abs() || (g.is_nan() && w.is_nan()) || g == w;
+        let ok = if exact || !w.is_finite() {
+            g.to_bits() == w.to_bits()
+        } else {
+            (g - w).abs() <= atol + rtol * w.abs()
+        };
         if !ok {
-            report.fail(format!("{what}: element {i} is {g}, expected {w}"));
+            report.fail(format!(
+                "{what}: element {i} is {g:e} ({:#010x}), expected {w:e} ({:#010x})",
+                g.to_bits(),
+                w.to_bits()
+            ));
             return;
         }
     }
@@ -437,20 +462,35 @@ pub(crate) fn check_ulps(
     }
     let g: Vec<u16> = bytemuck::pod_collect_to_vec(&got.data);
     let w: Vec<u16> = bytemuck::pod_collect_to_vec(&want.data);
-    // Map sign-magnitude bits to a monotonic integer line so that ulps are differences.
-    let line = |b: u16| -> i32 {
-        if b & 0x8000 != 0 {
-            -((b & 0x7fff) as i32)
-        } else {
-            b as i32
-        }
-    };
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        if (line(a) - line(b)).unsigned_abs() > ulps {
+        if !half_within_ulps(got.dtype.clone(), a, b, ulps) {
             report.fail(format!(
                 "{what}: element {i} bits {a:#06x}, expected {b:#06x} (more than {ulps} ulp apart)"
             ));
             return;
         }
     }
+}
+
+/// Whether the 16-bit value `got` is within `ulps` of `want`. A non-finite expectation, or a
+/// tolerance of zero, needs equal bits; otherwise -0 and +0 count as one unit apart, so that
+/// "0 ulps" means the same bits.
+fn half_within_ulps(dtype: TensorDType, got: u16, want: u16, ulps: u32) -> bool {
+    let exponent = match dtype {
+        TensorDType::Float(DType::BF16) => 0x7f80,
+        _ => 0x7c00,
+    };
+    if ulps == 0 || want & exponent == exponent {
+        return got == want;
+    }
+    // Sign-magnitude bits on a monotonic integer line (-0 just below +0), where ulps are
+    // differences.
+    let line = |b: u16| -> i32 {
+        if b & 0x8000 != 0 {
+            -((b & 0x7fff) as i32) - 1
+        } else {
+            b as i32
+        }
+    };
+    (line(got) - line(want)).unsigned_abs() <= ulps
 }

@@ -72,10 +72,10 @@ pub(super) fn run(case: &Case, report: &mut CaseReport) -> Result<()> {
         shape: weight.shape.clone(),
         data: table.as_bytes().to_vec(),
     };
-    if let Some(want) = case.tensors.get("out") {
+    if let Some(want) = report.expected(case, "out") {
         compare(report, "out (in place)", &out, want)?;
     }
-    if let Some(want) = case.tensors.get("weight_after") {
+    if let Some(want) = report.expected(case, "weight_after") {
         compare(report, "weight_after", &after, want)?;
     }
 

@@ -14,6 +14,10 @@ pub struct Args {
     /// Also write what the library produced for each case to OUT_DIR/<case>.safetensors.
     #[arg(long, value_name = "OUT_DIR")]
     write: Option<PathBuf>,
+    /// Exit 0 even when some cases were skipped (an operation this version does not know).
+    /// Without it a skipped case fails the run; a run where no case passed always fails.
+    #[arg(long)]
+    allow_skipped: bool,
 }
 
 pub fn run(args: Args, verbose: bool) -> CliResult {
@@ -58,6 +62,14 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
         }
     }
     println!("{passed} passed, {failed} failed, {skipped} skipped");
+    if passed == 0 {
+        eprintln!("error: no case passed, so nothing was checked");
+        return Ok(ExitCode::FAILURE);
+    }
+    if skipped > 0 && !args.allow_skipped {
+        eprintln!("error: {skipped} cases were skipped (pass --allow-skipped to accept that)");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
