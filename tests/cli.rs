@@ -415,3 +415,30 @@ fn demo_prints_the_example() {
     };
     assert_eq!(strip(rows[2]), strip(rows[4]), "{text}");
 }
+
+/// A kernel level that does not exist, or that this CPU cannot run, is refused with the value
+/// and the choices named, not silently replaced by another one.
+#[test]
+fn an_unusable_kernel_level_is_refused() {
+    #[cfg(target_arch = "x86_64")]
+    let missing = "neon";
+    #[cfg(not(target_arch = "x86_64"))]
+    let missing = "avx512";
+    for (value, says) in [
+        ("avx9", "EMBEDDING_LOOKUP_ISA=avx9 names no kernel level"),
+        (missing, "this CPU cannot run the"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_emb"))
+            .args(["demo", "--rows", "10", "--batch", "10", "--iters", "1"])
+            .env("EMBEDDING_LOOKUP_ISA", value)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{value}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(says) && err.contains("scalar"),
+            "{value}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{value}: ran anyway");
+    }
+}

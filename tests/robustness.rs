@@ -670,21 +670,57 @@ fn small_lookup_child() {
 // ---------------------------------------------------------------------------------------------
 // Kernel selection
 
-/// `EMBEDDING_LOOKUP_ISA` forces a lower kernel level (how CI runs the suite on the portable
-/// and scalar fallbacks); without it, the best level the CPU has is used.
+/// `EMBEDDING_LOOKUP_ISA` forces a lower kernel level (how CI runs the suite on every lower
+/// level); without it, the best level the CPU has is used. A suite run with a value that is
+/// not honoured fails here rather than testing another kernel than the one asked for.
 #[test]
 fn the_kernel_in_use_is_the_forced_or_the_best_one() {
     use embedding_lookup::kernels::Isa;
-    let best = Isa::all_available()[0];
     let want = match std::env::var("EMBEDDING_LOOKUP_ISA") {
-        Ok(v) => match Isa::from_name(&v) {
-            Some(isa) if isa.is_available() => isa,
-            _ => best,
-        },
-        Err(_) => best,
+        Ok(v) if !v.trim().is_empty() => {
+            let isa = Isa::from_name(&v)
+                .unwrap_or_else(|| panic!("EMBEDDING_LOOKUP_ISA={v} names no kernel level"));
+            assert!(
+                isa.is_available(),
+                "EMBEDDING_LOOKUP_ISA={v}: this CPU cannot run it, so it cannot be tested here"
+            );
+            isa
+        }
+        _ => Isa::all_available()[0],
     };
+    assert_eq!(Isa::requested().unwrap().unwrap_or(want), want);
     assert_eq!(embedding_lookup::kernel_name(), want.name());
     eprintln!("kernel in use: {}", want.name());
+}
+
+/// A library user's typo in `EMBEDDING_LOOKUP_ISA` keeps the best kernels but is reported
+/// on stderr (the library cannot refuse to run). Checked in a child run of this test.
+#[test]
+fn an_unknown_kernel_level_is_reported_by_the_library() {
+    const CHILD: &str = "EMBEDDING_LOOKUP_TEST_CHILD";
+    let name = "an_unknown_kernel_level_is_reported_by_the_library";
+    if std::env::var_os(CHILD).is_some() {
+        println!("kernel {}", embedding_lookup::kernel_name());
+        return;
+    }
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("EMBEDDING_LOOKUP_ISA", "avx9")
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let best = embedding_lookup::kernels::Isa::all_available()[0].name();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(out.contains(&format!("kernel {best}")), "{out}");
+    assert!(
+        err.contains("EMBEDDING_LOOKUP_ISA=avx9 names no kernel level")
+            && err.contains(&format!("using the {best} kernels")),
+        "{err}"
+    );
 }
 
 /// Replacing a file keeps its permissions: an output the user had made private (0600) must

@@ -5,8 +5,10 @@
 //! [`Isa::detect`] picks the best instruction set once; every kernel table is built for an
 //! [`Isa`], so a reader (and `emb --verbose`) can name the kernel that ran.
 //!
-//! Setting `EMBEDDING_LOOKUP_ISA=scalar|portable|avx2|avx512|neon` forces a lower level (never
-//! one the CPU lacks), which is how the fallbacks are tested on a machine that has AVX-512.
+//! Setting `EMBEDDING_LOOKUP_ISA=scalar|portable|avx2|avx512|neon` forces a lower level, which
+//! is how the fallbacks are tested on a machine that has AVX-512. A value that names no level,
+//! or one this CPU cannot run, is an error from [`Isa::requested`] (which `emb` refuses to run
+//! with); the library itself then keeps the best level and says so once on stderr.
 
 pub mod bag;
 pub mod gather;
@@ -157,19 +159,55 @@ impl Isa {
     }
 
     /// The level in use: the best available, or a lower one forced by `EMBEDDING_LOOKUP_ISA`.
-    /// Decided once per process.
+    /// Decided once per process. A value [`Isa::requested`] refuses leaves the best level in
+    /// use, with one line on stderr saying why, so that a typo cannot pass unnoticed.
     pub fn detect() -> Isa {
         static CHOSEN: OnceLock<Isa> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let best = Isa::all_available()[0];
-            match std::env::var("EMBEDDING_LOOKUP_ISA") {
-                Ok(name) => match Isa::from_name(&name) {
-                    Some(forced) if forced.is_available() => forced,
-                    _ => best,
-                },
-                Err(_) => best,
+            match Isa::requested() {
+                Ok(forced) => forced.unwrap_or(best),
+                Err(e) => {
+                    eprintln!("embedding-lookup: {e}; using the {} kernels", best.name());
+                    best
+                }
             }
         })
+    }
+
+    /// The level `EMBEDDING_LOOKUP_ISA` asks for: `None` when it is unset or empty, the level
+    /// when this CPU can run it, and an error naming the value and the choices otherwise.
+    pub fn requested() -> crate::Result<Option<Isa>> {
+        let value = match std::env::var("EMBEDDING_LOOKUP_ISA") {
+            Ok(v) if v.trim().is_empty() => return Ok(None),
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "EMBEDDING_LOOKUP_ISA={v:?} is not valid UTF-8"
+                )))
+            }
+        };
+        let available = || {
+            Isa::all_available()
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match Isa::from_name(&value) {
+            Some(isa) if isa.is_available() => Ok(Some(isa)),
+            Some(isa) => Err(crate::Error::InvalidArgument(format!(
+                "EMBEDDING_LOOKUP_ISA={value}: this CPU cannot run the {} kernels; it runs {}",
+                isa.name(),
+                available()
+            ))),
+            None => Err(crate::Error::InvalidArgument(format!(
+                "EMBEDDING_LOOKUP_ISA={value} names no kernel level; use one of \
+                 avx512, avx2, neon, portable, scalar (this CPU runs {})",
+                available()
+            ))),
+        }
     }
 
     /// Parse a name as printed by [`Isa::name`] (`avx2` is accepted for `avx2+f16c`).

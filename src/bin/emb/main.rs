@@ -59,6 +59,11 @@ enum Command {
 fn main() -> ExitCode {
     ignore_file_size_signal();
     let cli = Cli::parse();
+    // A kernel level asked for and not available is refused, not silently replaced.
+    if let Err(e) = embedding_lookup::kernels::Isa::requested() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Lookup(a) => lookup::run(a, cli.verbose),
