@@ -142,52 +142,8 @@ fn empty_rows_of_any_count_up_to_isize_max() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hostile files: every committed fuzz seed (valid and broken), checked as the fuzz targets
-// check them, plus named cases with the error each must give.
-
-/// The fuzz targets' file checks and naive references, compiled into this test as well, so the
-/// committed seeds and any reproducer saved beside them run on stable Rust in every test run.
-#[path = "../fuzz/src/files.rs"]
-#[allow(dead_code)]
-mod files;
-#[path = "../fuzz/src/reference.rs"]
-#[allow(dead_code)]
-mod reference;
-
-fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    seeds.sort();
-    assert!(seeds.len() >= 10, "{target}: {} seeds", seeds.len());
-    seeds
-}
-
-#[test]
-fn committed_safetensors_seeds_pass_the_fuzz_checks() {
-    for (name, bytes) in corpus("safetensors_file") {
-        eprintln!("{name}");
-        files::check(&bytes, "safetensors");
-    }
-}
-
-#[test]
-fn committed_npy_seeds_pass_the_fuzz_checks() {
-    for (name, bytes) in corpus("npy_file") {
-        eprintln!("{name}");
-        files::check(&bytes, "npy");
-    }
-}
+// Hostile files: named cases with the error each must give (every committed fuzz seed runs
+// through the fuzz targets' own checks in `tests/fuzz_seeds.rs`).
 
 fn npy_bytes(shape: &str, descr: &str, data: &[u8]) -> Vec<u8> {
     let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
