@@ -274,6 +274,47 @@ fn f16_and_bf16_ties_round_to_even_like_the_reference() {
     check_ties::<bf16>(|k| k.bf16);
 }
 
+/// The shared driver (`drive`: its raw-pointer rows, lookahead and output slots) in place
+/// and out of place, on widths either side of a vector, every dtype: small enough for Miri,
+/// which CI runs it under on the portable and scalar kernels.
+#[test]
+fn driver_matches_scalar_in_place_and_out_of_place() {
+    fn check<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
+        let mut rng = Rng::new(5);
+        let reference = RenormKernels::for_isa(Isa::Scalar).unwrap();
+        for dim in [1, 17] {
+            let table = table::<T>(dim, &mut rng);
+            let dup_rows: Vec<usize> = (0..ROWS + DEFAULT_PREFETCH_DISTANCE)
+                .map(|_| rng.below(ROWS as u64) as usize)
+                .collect();
+            let mut perm: Vec<usize> = (0..ROWS).rev().collect();
+            perm.extend(std::iter::repeat_n(0, DEFAULT_PREFETCH_DISTANCE));
+            for (norm, write_back, out_kind, rows) in [
+                (NormKind::L2, true, Some(true), &perm),
+                (NormKind::P(3.5), false, Some(false), &dup_rows),
+            ] {
+                let setup = Setup {
+                    norm,
+                    write_back,
+                    out_kind,
+                    max_norm: 1.0,
+                    stream_out: false,
+                    out_skew: 0,
+                };
+                let want = run(pick(&reference), &table, dim, rows, ROWS, setup);
+                for isa in Isa::all_available() {
+                    let k = RenormKernels::for_isa(isa).unwrap();
+                    let got = run(pick(&k), &table, dim, rows, ROWS, setup);
+                    assert_eq!(got, want, "{} {:?} dim {dim} {setup:?}", k.name(), T::DTYPE);
+                }
+            }
+        }
+    }
+    check::<f32>(|k| k.f32);
+    check::<f16>(|k| k.f16);
+    check::<bf16>(|k| k.bf16);
+}
+
 #[test]
 fn f32_kernels_match_scalar() {
     check_dtype::<f32>(|k| k.f32);
