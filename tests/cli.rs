@@ -124,7 +124,8 @@ fn native_output_dtype_and_bf16_needs_safetensors() {
     ]
     .concat());
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("a bf16 output has no .npy dtype"), "{err}");
     assert!(!f.p("o.npy").exists());
     let o = emb(&[
         &base[..],
@@ -250,6 +251,24 @@ fn convert_round_trips_through_every_dtype() {
         let converted = Table::open(&out, None).unwrap();
         let want = table.to_dtype(dtype.parse().unwrap()).unwrap();
         assert_eq!(converted.as_bytes(), want.as_bytes(), "{dtype}");
+        // And back: widening is exact, so f32 → dtype → f32 → dtype gives the same bytes, and
+        // the f32 file holds exactly the narrowed values.
+        let wide = f.p(&format!("t_{dtype}_f32.npy"));
+        let again = f.p(&format!("t_{dtype}_again.safetensors"));
+        for (from, to, as_dtype) in [(&out, &wide, "f32"), (&wide, &again, dtype)] {
+            let o = emb(&["convert", s(from), s(to), "--dtype", as_dtype]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let wide = Table::open(&wide, None).unwrap();
+        assert_eq!(wide.dtype(), DType::F32);
+        let narrowed: Vec<f32> = want.lookup(&(0..100u32).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            wide.as_slice::<f32>().unwrap(),
+            &narrowed[..],
+            "{dtype} widened"
+        );
+        let again = Table::open(&again, None).unwrap();
+        assert_eq!(again.as_bytes(), want.as_bytes(), "{dtype} round trip");
     }
     let o = emb(&[
         "convert",

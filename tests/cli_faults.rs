@@ -227,7 +227,8 @@ fn unwritable_output_paths_fail_and_create_nothing() {
 }
 
 /// A read-only directory refuses the temporary file, so nothing is written. Root ignores
-/// directory permissions; the test then checks that it did write, and says so.
+/// directory permissions; run as root, the test writes into /proc instead, which refuses
+/// new files to everyone.
 #[cfg(unix)]
 #[test]
 fn read_only_directory() {
@@ -253,8 +254,29 @@ fn read_only_directory() {
         .unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
     if root {
-        eprintln!("read_only_directory: running as root, directory permissions do not apply");
+        // Root ignores directory permissions, so that run wrote; /proc refuses new files to
+        // everyone, root included, and stands in for the read-only directory.
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = Path::new("/proc/emb-read-only-directory-test.npy");
+        let o = Command::new(EMB)
+            .args([
+                "lookup",
+                "--table",
+                s(&d.p("table.npy")),
+                "--indices",
+                s(&d.p("idx.npy")),
+                "--out",
+                s(out),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("emb-read-only-directory-test.npy"),
+            "{stderr}"
+        );
+        assert!(!out.exists());
         return;
     }
     let stderr = String::from_utf8_lossy(&o.stderr);

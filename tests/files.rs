@@ -25,7 +25,7 @@ fn save_and_reopen_is_identical() {
             let saved = table.save(&path);
             if dtype == DType::BF16 && ext == "npy" {
                 let e = saved.unwrap_err().to_string();
-                assert!(e.contains("safetensors"), "{e}");
+                assert!(e.contains("bf16 has no .npy dtype"), "{e}");
                 assert!(!path.exists(), "a refused save must not create the file");
                 continue;
             }
@@ -155,7 +155,7 @@ fn bad_files_give_errors_naming_the_file() {
     std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
     let e = Table::open(&path, None).unwrap_err().to_string();
     assert!(
-        e.contains("junk.safetensors") && e.contains("safetensors"),
+        e.contains("junk.safetensors") && e.contains("not a valid safetensors file"),
         "{e}"
     );
     let e = Table::open(dir.path().join("missing.npy"), None).unwrap_err();

@@ -207,13 +207,45 @@ fn lookups_every_dtype_and_index_type() {
 
 #[test]
 fn conversions_round_trip_exactly_where_they_widen() {
-    let values: Vec<f32> = vec![0.0, -0.0, 1.5, -2.25, 65504.0, 1e-7, f32::INFINITY];
+    // Every value here is exact in f16 and in bf16 (±0, ±inf, small dyadic fractions, a
+    // power of two near each format's smallest normal), so narrowing and widening again must
+    // give back the original bits; NaN must stay NaN. The widening lookup agrees.
+    let values: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.5,
+        -2.25,
+        0.375,
+        -96.0,
+        2f32.powi(-14),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    let n = values.len();
+    let ids: Vec<u32> = (0..n as u32).collect();
     for dtype in [DType::F16, DType::BF16] {
-        let t = Table::from_slice(&values, 7, 1).unwrap();
+        let t = Table::from_slice(&values, n, 1).unwrap();
         let narrow = t.to_dtype(dtype).unwrap();
         let back = narrow.to_dtype(DType::F32).unwrap();
-        let widened: Vec<f32> = narrow.lookup(&[0u32, 1, 2, 3, 4, 5, 6]).unwrap();
-        assert_eq!(back.as_slice::<f32>().unwrap(), &widened[..], "{dtype}");
+        let back = back.as_slice::<f32>().unwrap();
+        for (i, (&v, &b)) in values.iter().zip(back).enumerate() {
+            if v.is_nan() {
+                assert!(b.is_nan(), "{dtype} element {i}: {b}");
+            } else {
+                assert_eq!(
+                    b.to_bits(),
+                    v.to_bits(),
+                    "{dtype} element {i}: {v} came back {b}"
+                );
+            }
+        }
+        let widened: Vec<f32> = narrow.lookup(&ids).unwrap();
+        let same = widened
+            .iter()
+            .zip(back)
+            .all(|(w, b)| w.to_bits() == b.to_bits());
+        assert!(same, "{dtype}: {widened:?} against {back:?}");
     }
 }
 

@@ -424,11 +424,38 @@ mod tests {
         let mut rng = Rng::new(5);
         for v in [1.0f32 + 1.0 / 512.0, -3.3, 1e-6, 60000.5, -7.0e-8] {
             type Round = fn(f32, u32) -> f32;
-            let cases: [(&str, Round, f32); 2] = [
-                ("bf16", stochastic_bf16, bf16::from_f32(v).to_f32()),
-                ("f16", stochastic_f16, f16::from_f32(v).to_f32()),
+            // The 16-bit values either side of v: among the nearest and its two bit-pattern
+            // neighbours, the largest not above v and the smallest not below it.
+            let around = |nearest: u16, widen: fn(u16) -> f32| -> (f32, f32) {
+                let c = [nearest - 1, nearest, nearest + 1].map(widen);
+                let below = c
+                    .iter()
+                    .copied()
+                    .filter(|&x| x <= v)
+                    .fold(f32::MIN, f32::max);
+                let above = c
+                    .iter()
+                    .copied()
+                    .filter(|&x| x >= v)
+                    .fold(f32::MAX, f32::min);
+                (below, above)
+            };
+            let cases: [(&str, Round, f32, (f32, f32)); 2] = [
+                (
+                    "bf16",
+                    stochastic_bf16,
+                    bf16::from_f32(v).to_f32(),
+                    around(bf16::from_f32(v).to_bits(), |b| bf16::from_bits(b).to_f32()),
+                ),
+                (
+                    "f16",
+                    stochastic_f16,
+                    f16::from_f32(v).to_f32(),
+                    around(f16::from_f32(v).to_bits(), |b| f16::from_bits(b).to_f32()),
+                ),
             ];
-            for (name, round, nearest) in cases {
+            for (name, round, nearest, (below, above)) in cases {
+                assert!(below <= v && v <= above, "{name} {v}: {below} {above}");
                 let draws = 20000;
                 let mut sum = 0.0f64;
                 let mut seen = std::collections::BTreeSet::new();
@@ -437,9 +464,14 @@ mod tests {
                     seen.insert(r.to_bits());
                     sum += r as f64;
                 }
-                // At most the two neighbours, one of them the nearest.
-                assert!(seen.len() <= 2, "{name} {v}: {seen:?}");
-                assert!(seen.contains(&nearest.to_bits()) || seen.len() == 2);
+                // Only the two neighbours, and the nearest among them (drawn with probability
+                // at least 1/2 each time).
+                let neighbours = [below.to_bits(), above.to_bits()];
+                assert!(
+                    seen.iter().all(|b| neighbours.contains(b)),
+                    "{name} {v}: {seen:?} beyond {below} and {above}"
+                );
+                assert!(seen.contains(&nearest.to_bits()), "{name} {v}: {seen:?}");
                 // Unbiased: the mean is close to v (within a few percent of the gap).
                 let gap = seen
                     .iter()
