@@ -253,38 +253,3 @@ fn borrowed_tables_check_their_shape() {
     let ro = Table::borrowed(&data, 3, 4).unwrap();
     assert!(ro.storage_kind() == embedding_lookup::StorageKind::Borrowed);
 }
-
-/// Streaming stores (large aligned outputs) give the same bits as ordinary stores. The
-/// threshold is process-wide; other tests in this binary are unaffected in their results.
-#[test]
-fn streaming_output_matches() {
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let table = Table::randn(1000, 64, dtype, 8).unwrap();
-        let idx = random_indices(5000, 1000, 9);
-        let want: Vec<f32> = naive(&table, &idx);
-        // An owned table is a 64-byte aligned buffer; the output starts 0, 16, 32, 48 or 4
-        // bytes into it (aligned, joined into lines in registers, or partly streamed).
-        let mut buf = Table::zeros(5001, 64, DType::F32).unwrap();
-        for skew in [0, 4, 8, 12, 1] {
-            let out = &mut buf.as_mut_slice::<f32>().unwrap()[skew..skew + 5000 * 64];
-            out.fill(f32::NAN);
-            embedding_lookup::kernels::set_streaming_threshold(0);
-            let done = table.lookup_into(&idx, out);
-            embedding_lookup::kernels::set_streaming_threshold(
-                embedding_lookup::kernels::DEFAULT_STREAMING_THRESHOLD,
-            );
-            done.unwrap();
-            assert!(out == want.as_slice(), "{dtype}, skew {skew}");
-            let all = buf.as_slice::<f32>().unwrap();
-            assert!(
-                all[..skew].iter().all(|&x| x == 0.0),
-                "written before the output"
-            );
-            assert!(
-                all[skew + 5000 * 64..].iter().all(|&x| x == 0.0),
-                "written after it"
-            );
-            buf.as_mut_slice::<f32>().unwrap().fill(0.0);
-        }
-    }
-}

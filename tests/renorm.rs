@@ -465,69 +465,6 @@ fn general_p_and_padding_row() {
     assert_eq!(&out[3..], &data[3..]);
 }
 
-/// Streaming stores for the output (large aligned outputs) give the same bits as ordinary
-/// stores: widths with AVX-512's register-resident 2-norm rows (64, 128) and without (80),
-/// output only and in place. The threshold is process-wide; other tests in this binary are
-/// unaffected in their results.
-#[test]
-fn streamed_output_matches_ordinary_stores() {
-    use embedding_lookup::kernels::{set_streaming_threshold, DEFAULT_STREAMING_THRESHOLD};
-    let m = MaxNorm::new(1.0).unwrap();
-    for dim in [64, 80, 128] {
-        let table = random_table(1000, dim, DType::F32, 21);
-        let idx = random_indices(3000, 1000, 22);
-        let n = idx.len() * dim;
-        // Owned tables are 64-byte aligned buffers; the outputs start `skew` elements in
-        // (0: aligned; 4: 16 bytes in, where the system allocator puts a large Vec).
-        let run = |threshold: usize, skew: usize| {
-            let mut out = Table::zeros(idx.len() + 1, dim, DType::F32).unwrap();
-            let mut in_place_out = Table::zeros(idx.len() + 1, dim, DType::F32).unwrap();
-            let mut t = table.to_dtype(DType::F32).unwrap();
-            set_streaming_threshold(threshold);
-            let done = table
-                .lookup_renorm_output_only(
-                    &idx,
-                    &mut out.as_mut_slice::<f32>().unwrap()[skew..skew + n],
-                    m,
-                )
-                .and_then(|()| {
-                    t.lookup_renorm_in_place(
-                        &idx,
-                        &mut in_place_out.as_mut_slice::<f32>().unwrap()[skew..skew + n],
-                        m,
-                    )
-                });
-            set_streaming_threshold(DEFAULT_STREAMING_THRESHOLD);
-            done.unwrap();
-            let (start, end) = (skew * 4, skew * 4 + n * 4);
-            let outside_is_zero = |b: &[u8]| b[..start].iter().chain(&b[end..]).all(|&x| x == 0);
-            assert!(
-                outside_is_zero(out.as_bytes()),
-                "dim {dim}: written outside"
-            );
-            assert!(
-                outside_is_zero(in_place_out.as_bytes()),
-                "dim {dim}: written outside"
-            );
-            (
-                out.as_bytes()[start..end].to_vec(),
-                in_place_out.as_bytes()[start..end].to_vec(),
-                t.as_bytes().to_vec(),
-            )
-        };
-        let streamed = run(0, 0);
-        let ordinary = run(usize::MAX, 0);
-        assert!(streamed == ordinary, "dim {dim}");
-        assert!(run(0, 4) == ordinary, "dim {dim}, output 16 bytes in");
-        // The rows were rescaled, so the check covers the scaled stores, not only copies.
-        let plain: Vec<f32> = table.lookup(&idx).unwrap();
-        assert!(
-            streamed.0 != bytemuck::cast_slice::<f32, u8>(&plain),
-            "dim {dim}"
-        );
-    }
-}
-
 /// A bf16 row holding a signalling NaN has a NaN norm and is left alone: the lookup returns
 /// its stored bits, widened with the quiet bit still clear, through every path that widens
 /// (the renorm lookups in both modes, the plain lookup, `to_dtype`). Runs on the detected

@@ -17,7 +17,7 @@ pub mod grad;
 pub(crate) mod realign;
 pub mod renorm;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// How many rows ahead of the one being read the kernels prefetch, unless changed with
@@ -61,6 +61,27 @@ pub fn set_streaming_threshold(bytes: usize) {
 #[inline]
 pub fn streaming_threshold() -> usize {
     STREAMING_THRESHOLD.load(Ordering::Relaxed)
+}
+
+static STREAMED_OUTPUTS: AtomicU64 = AtomicU64::new(0);
+
+/// Ends a kernel's run of streaming stores: orders them (they are weakly ordered) before
+/// whatever this thread stores next, and counts the run, so that a test can tell that the
+/// streaming path ran and not only that its result was right.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn finish_streaming_stores() {
+    // SAFETY: `sfence` is SSE, which every x86_64 CPU has.
+    unsafe { std::arch::x86_64::_mm_sfence() };
+    STREAMED_OUTPUTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many kernel runs in this process have written (part of) an output with streaming
+/// stores. For tests and diagnostics; every thread's runs count, so compare two readings only
+/// where nothing else runs lookups between them.
+#[doc(hidden)]
+pub fn streamed_outputs() -> u64 {
+    STREAMED_OUTPUTS.load(Ordering::Relaxed)
 }
 
 /// Whether to write an output of `out_rows` rows of `out_row_bytes` bytes starting at `out`

@@ -76,7 +76,7 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
         }
     }
     if STREAM {
-        _mm_sfence();
+        crate::kernels::finish_streaming_stores();
     }
 }
 
@@ -191,6 +191,6 @@ unsafe fn widen_rows<const STREAM: bool>(
         }
     }
     if STREAM {
-        _mm_sfence();
+        crate::kernels::finish_streaming_stores();
     }
 }

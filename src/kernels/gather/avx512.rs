@@ -54,7 +54,7 @@ pub(super) unsafe fn copy_rows<const STREAM: bool>(
         }
     }
     if STREAM {
-        _mm_sfence();
+        crate::kernels::finish_streaming_stores();
     }
 }
 
@@ -96,7 +96,7 @@ unsafe fn widen_rows_realigned<const SHIFT: i32>(
     }
     // SAFETY: as for `push`.
     unsafe { lines.finish() };
-    _mm_sfence();
+    crate::kernels::finish_streaming_stores();
 }
 
 /// [`copy_rows`] with streaming stores into an output `4 * (16 - SHIFT)` bytes past a line
@@ -145,7 +145,7 @@ unsafe fn copy_rows_realigned<const SHIFT: i32>(
     }
     // SAFETY: as for `push`.
     unsafe { lines.finish() };
-    _mm_sfence();
+    crate::kernels::finish_streaming_stores();
 }
 
 /// Copy `n` bytes: whole vectors, loads before stores, then one masked vector. With `STREAM`
@@ -344,6 +344,6 @@ unsafe fn widen_rows<const STREAM: bool>(
         }
     }
     if STREAM {
-        _mm_sfence();
+        crate::kernels::finish_streaming_stores();
     }
 }

@@ -132,7 +132,7 @@ unsafe fn l2_f32_rows<const N: usize, const SHIFT: i32>(
     }
     if job.stream_out {
         // Order the streamed rows before whatever the caller writes next.
-        _mm_sfence();
+        crate::kernels::finish_streaming_stores();
     }
 }
 
