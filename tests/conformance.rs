@@ -276,3 +276,111 @@ fn a_case_without_its_expected_tensors_fails() {
     }
     assert!(checked > 150, "only {checked} expected tensors removed");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rows already within max_norm. PyTorch scales a row only when `norm > max_norm`, and each row
+// on its own, so a PyTorch renorm case stays a true case when two of its referenced rows are
+// replaced by rows within max_norm and their expectations by those rows as stored.
+
+/// A 16-wide row of multiples of 1/64 (exact in every dtype) whose norm is at most 0.4 for
+/// every p: well within a max_norm of 1.
+fn small_row(dim: usize) -> Vec<f32> {
+    (0..dim).map(|j| ((j % 5) as f32 - 2.0) / 64.0).collect()
+}
+
+/// `[max_norm, 0, 0, ...]`: a norm of exactly max_norm for every p, which is not above it.
+fn boundary_row(dim: usize, max_norm: f32) -> Vec<f32> {
+    (0..dim)
+        .map(|j| if j == 0 { max_norm } else { 0.0 })
+        .collect()
+}
+
+/// `case` with table row `r` replaced by `row` before and after, and the output rows that
+/// look it up replaced too.
+fn with_row_left_alone(case: &mut Case, r: usize, row: &[f32]) {
+    let ids = case.tensor("indices").unwrap().to_i64().unwrap();
+    let dtype = case.tensor("weight").unwrap().float_dtype().unwrap();
+    let bytes = Tensor::from_f32(dtype, vec![1, row.len()], row).data;
+    for name in ["weight", "weight_after"] {
+        let t = case.tensors.get_mut(name).unwrap();
+        let rb = bytes.len();
+        t.data[r * rb..(r + 1) * rb].copy_from_slice(&bytes);
+    }
+    let out = case.tensors.get_mut("out").unwrap();
+    let rb = bytes.len();
+    for (k, _) in ids.iter().enumerate().filter(|(_, &i)| i as usize == r) {
+        out.data[k * rb..(k + 1) * rb].copy_from_slice(&bytes);
+    }
+}
+
+/// Every PyTorch renorm lookup case, with one referenced row well within max_norm and one at
+/// exactly max_norm: passes, those rows come out (in the table and the output) with their
+/// stored bits, and an expectation that they were scaled fails.
+#[test]
+fn rows_within_max_norm_are_left_alone() {
+    let mut ran = 0;
+    for original in cases() {
+        if original.meta("op").as_deref() != Some("embedding")
+            || !original.metadata.contains_key("max_norm")
+        {
+            continue;
+        }
+        let max_norm = original.meta_f64("max_norm").unwrap().unwrap() as f32;
+        let ids = original.tensor("indices").unwrap().to_i64().unwrap();
+        let dim = original.tensor("weight").unwrap().shape[1];
+        let small = ids[0] as usize;
+        let at_limit = *ids.iter().find(|&&i| i as usize != small).unwrap() as usize;
+        let mut case = original.clone();
+        with_row_left_alone(&mut case, small, &small_row(dim));
+        with_row_left_alone(&mut case, at_limit, &boundary_row(dim, max_norm));
+        // The derived rows differ from PyTorch's own, so the engine sees new input there.
+        assert!(case.tensor("weight").unwrap() != original.tensor("weight").unwrap());
+
+        let report = conformance::run_case(&case);
+        assert_eq!(report.outcome, Outcome::Passed, "{}", case.name);
+        let weight = case.tensor("weight").unwrap();
+        let rb = weight.data.len() / weight.shape[0];
+        let produced = |name: &str| {
+            &report
+                .produced
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+                .data
+        };
+        for r in [small, at_limit] {
+            // Bits, not the f32 tolerance the runner allows for rescaled rows.
+            assert!(
+                produced("weight_after")[r * rb..(r + 1) * rb] == weight.data[r * rb..(r + 1) * rb],
+                "{}: row {r} within max_norm was changed",
+                case.name
+            );
+        }
+        for (k, &i) in ids.iter().enumerate() {
+            if i as usize == small || i as usize == at_limit {
+                assert!(
+                    produced("out")[k * rb..(k + 1) * rb]
+                        == weight.data[i as usize * rb..(i as usize + 1) * rb],
+                    "{}: output position {k} is not row {i} as stored",
+                    case.name
+                );
+            }
+        }
+
+        // Had the engine halved the small row, the case would fail.
+        let mut scaled = case.clone();
+        let halved: Vec<f32> = small_row(dim).iter().map(|v| v / 2.0).collect();
+        let dtype = weight.float_dtype().unwrap();
+        let bytes = Tensor::from_f32(dtype, vec![1, dim], &halved).data;
+        scaled.tensors.get_mut("weight_after").unwrap().data[small * rb..(small + 1) * rb]
+            .copy_from_slice(&bytes);
+        assert!(
+            matches!(outcome(&scaled), Outcome::Failed(_)),
+            "{}",
+            case.name
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 12, "renorm lookup cases");
+}
