@@ -37,6 +37,8 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
             })
         },
     );
+    // The engine's split of this job: the baselines run on the same threads.
+    let tasks = workload::engine_task_count(batch, table.row_bytes() + dim * 4);
     if table.dtype() == DType::F32 {
         let t = table.as_slice::<f32>().unwrap();
         if batch <= 1 << 14 {
@@ -51,25 +53,30 @@ fn compare(c: &mut Criterion, group_name: &str, table: &Table<'_>, indices: &[i6
                 })
             });
         }
-        if batch >= 4096 {
+        // Where the engine splits, the naive loop split over the same threads too.
+        if tasks > 1 {
             group.bench_function(BenchmarkId::new("naive_rayon", label), |b| {
-                b.iter(|| workload::naive_lookup(t, dim, indices, &mut out))
+                b.iter(|| {
+                    workload::naive_lookup(
+                        black_box(t),
+                        black_box(dim),
+                        black_box(indices),
+                        black_box(&mut out),
+                    )
+                })
             });
         }
     }
-    // memcpy of the same output bytes; on one thread below the engine's parallel threshold.
+    // memcpy of the same output bytes, split as the engine splits the lookup.
     let src = vec![1.0f32; batch * dim];
     group.bench_function(BenchmarkId::new("memcpy", label), |b| {
-        if batch < 4096 {
-            b.iter(|| black_box(&mut out[..]).copy_from_slice(black_box(&src)))
-        } else {
-            b.iter(|| {
-                workload::parallel_memcpy(
-                    bytemuck::cast_slice(&src),
-                    bytemuck::cast_slice_mut(&mut out),
-                )
-            })
-        }
+        b.iter(|| {
+            workload::memcpy_in_tasks(
+                bytemuck::cast_slice(black_box(&src)),
+                bytemuck::cast_slice_mut(black_box(&mut out)),
+                tasks,
+            )
+        })
     });
     group.finish();
 }

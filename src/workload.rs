@@ -95,27 +95,50 @@ pub fn indices(n: usize, rows: usize, dist: Distribution, seed: u64) -> Vec<i64>
 
 /// Copy `src` to `dst` split evenly over rayon's current threads: the bandwidth baseline.
 pub fn parallel_memcpy(src: &[u8], dst: &mut [u8]) {
-    let chunk = src.len().div_ceil(rayon::current_num_threads()).max(1);
+    memcpy_in_tasks(src, dst, rayon::current_num_threads());
+}
+
+/// Copy `src` to `dst` in `tasks` even pieces, the first on the calling thread: 1 copies on
+/// this thread alone, without asking rayon anything.
+pub fn memcpy_in_tasks(src: &[u8], dst: &mut [u8], tasks: usize) {
+    if tasks <= 1 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let chunk = src.len().div_ceil(tasks).max(1);
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
-/// The naive gather a user would write: `copy_from_slice` per row, split over rayon's threads
-/// like the engine's, no prefetch. Indices must be valid.
+/// Into how many tasks the engine splits a job of `items` rows, each moving `bytes_per_item`
+/// (read + written): 1 where it stays on the calling thread. A baseline split the same way
+/// runs on the threads the engine runs on, no more and no fewer.
+pub fn engine_task_count(items: usize, bytes_per_item: usize) -> usize {
+    crate::parallel::task_count(items, bytes_per_item)
+}
+
+/// The naive gather a user would write: `copy_from_slice` per row, no prefetch, split over
+/// rayon's threads into as many tasks as the engine would split the lookup into (on the
+/// calling thread alone where the engine stays there). Indices must be valid.
 pub fn naive_lookup(table: &[f32], dim: usize, indices: &[i64], out: &mut [f32]) {
-    if dim == 0 {
+    if dim == 0 || indices.is_empty() {
         return;
     }
-    let rows_per_task = (indices.len() / (rayon::current_num_threads() * 4)).max(1024);
+    let gather = |out: &mut [f32], idx: &[i64]| {
+        for (o, &i) in out.chunks_exact_mut(dim).zip(idx) {
+            let r = i as usize;
+            o.copy_from_slice(&table[r * dim..(r + 1) * dim]);
+        }
+    };
+    let tasks = engine_task_count(indices.len(), 2 * dim * 4);
+    if tasks <= 1 {
+        return gather(out, indices);
+    }
+    let rows_per_task = indices.len().div_ceil(tasks);
     out.par_chunks_mut(rows_per_task * dim)
         .zip(indices.par_chunks(rows_per_task))
-        .for_each(|(out, idx)| {
-            for (o, &i) in out.chunks_exact_mut(dim).zip(idx) {
-                let r = i as usize;
-                o.copy_from_slice(&table[r * dim..(r + 1) * dim]);
-            }
-        });
+        .for_each(|(out, idx)| gather(out, idx));
 }
 
 #[cfg(test)]
