@@ -11,6 +11,9 @@ use arbitrary::{Arbitrary, Unstructured};
 #[path = "../fuzz/src/bag.rs"]
 #[allow(dead_code)]
 mod bag;
+#[path = "../fuzz/src/file_reference.rs"]
+#[allow(dead_code)]
+mod file_reference;
 #[path = "../fuzz/src/files.rs"]
 #[allow(dead_code)]
 mod files;
@@ -131,4 +134,33 @@ fn safetensors_file_seeds_pass() {
 #[test]
 fn npy_file_seeds_pass() {
     replay("npy_file", |_, bytes| files::check(bytes, "npy"));
+}
+
+/// The file checks' reference readers judge the committed seeds themselves: every `valid_*`
+/// seed is valid to them, and at least five of the others plainly invalid (not left to the
+/// library's policy), so the checks compare the library against both verdicts on these files.
+#[test]
+fn the_file_references_judge_the_seeds() {
+    use file_reference::Verdict;
+    for (target, read) in [
+        ("npy_file", file_reference::npy as fn(&[u8]) -> Verdict),
+        ("safetensors_file", file_reference::safetensors),
+    ] {
+        let mut invalid = 0;
+        for (name, bytes) in seeds(target) {
+            let verdict = read(&bytes);
+            eprintln!("{target}/{name}: {verdict:?}");
+            if name.starts_with("valid_") {
+                assert!(
+                    matches!(verdict, Verdict::Valid(_)),
+                    "{target}/{name}: {verdict:?}"
+                );
+            }
+            invalid += usize::from(matches!(verdict, Verdict::Invalid(_)));
+        }
+        assert!(
+            invalid >= 5,
+            "{target}: only {invalid} seeds plainly invalid"
+        );
+    }
 }

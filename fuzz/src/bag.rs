@@ -9,7 +9,7 @@ use embedding_lookup::{BagMode, BagOptions, Bags, Element, Error, Index, Table};
 use half::{bf16, f16};
 
 use crate::lookup::{IndexSpec, OutChoice};
-use crate::reference::{self, Ty};
+use crate::reference::{self, Ty, Widen};
 
 /// Largest number of indices one input expands to.
 const MAX_INDICES: usize = 1 << 11;
@@ -164,11 +164,11 @@ enum Expect {
 }
 
 impl Ctx<'_> {
-    fn run<I: Index>(&self, values: &[i128], cast: impl Fn(i128) -> I) {
+    fn run<I: Index + Widen>(&self, values: &[i128], cast: impl Fn(i128) -> I) {
         let n = values.len();
         let indices: Vec<I> = values.iter().map(|&v| cast(v)).collect();
         // The index values as the engine sees them (after the wrapping cast).
-        let seen: Vec<i128> = indices.iter().map(|i| i.as_i128()).collect();
+        let seen: Vec<i128> = indices.iter().map(|&i| i.exact()).collect();
         let resolve = |specs: &[OffsetSpec]| -> Vec<i64> {
             let mut prev = 0i64;
             specs

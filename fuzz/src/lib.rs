@@ -6,6 +6,7 @@
 //! `corpus/`; `.ci/run` picks up every target `cargo fuzz list` prints.
 
 pub mod bag;
+pub mod file_reference;
 pub mod files;
 pub mod lookup;
 pub mod reference;

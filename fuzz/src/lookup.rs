@@ -6,7 +6,7 @@ use arbitrary::Arbitrary;
 use embedding_lookup::{kernels, DType, Element, Error, Index, Table};
 use half::{bf16, f16};
 
-use crate::reference::{self, Ty};
+use crate::reference::{self, Ty, Widen};
 
 /// Largest number of indices one input expands to (after repetition).
 const MAX_INDICES: usize = 1 << 13;
@@ -274,15 +274,6 @@ pub fn spec_value(s: IndexSpec, rows: usize) -> i128 {
         IndexSpec::RawUnsigned(v) => v as i128,
     }
 }
-
-/// A wrapping cast from i128 to each index type, and back exactly.
-trait Widen: Copy {
-    fn exact(self) -> i128;
-}
-macro_rules! widen {
-    ($($t:ty),*) => {$(impl Widen for $t { fn exact(self) -> i128 { self as i128 } })*};
-}
-widen!(i32, i64, u32, u64, usize);
 
 fn run<I: Index + Widen>(
     input: &Input,

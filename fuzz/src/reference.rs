@@ -21,6 +21,17 @@ impl Ty {
     }
 }
 
+/// An index's value as the reference sees it: widened exactly by the language's `as`, not by
+/// the library's `Index` conversion under test.
+pub trait Widen: Copy {
+    /// The exact value.
+    fn exact(self) -> i128;
+}
+macro_rules! widen {
+    ($($t:ty),*) => {$(impl Widen for $t { fn exact(self) -> i128 { self as i128 } })*};
+}
+widen!(i32, i64, u32, u64, usize);
+
 /// IEEE half precision bits to f32, from the bit layout: exact for every finite value, NaNs
 /// quieted with their payload kept (as F16C and the `half` crate do).
 pub fn f16_bits_to_f32(h: u16) -> f32 {
