@@ -65,6 +65,20 @@ struct Setup {
     out_skew: usize,
 }
 
+impl Setup {
+    /// Ordinary stores into an aligned output.
+    fn plain(norm: NormKind, write_back: bool, out_kind: Option<bool>, max_norm: f64) -> Setup {
+        Setup {
+            norm,
+            write_back,
+            out_kind,
+            max_norm,
+            stream_out: false,
+            out_skew: 0,
+        }
+    }
+}
+
 /// Run one kernel over `rows` with a fresh copy of `table`; return (table after, output).
 fn run<T: Element>(
     kernel: RenormRowsFn,
@@ -154,14 +168,7 @@ fn check_dtype<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
                         (false, 1.0, &perm, 0),
                         (false, f64::MAX, &finite_rows, ROWS * 2),
                     ] {
-                        let setup = Setup {
-                            norm,
-                            write_back,
-                            out_kind,
-                            max_norm,
-                            stream_out: false,
-                            out_skew: 0,
-                        };
+                        let setup = Setup::plain(norm, write_back, out_kind, max_norm);
                         let want = run(pick(&reference), &table, dim, rows, count, setup);
                         let got = run(pick(&k), &table, dim, rows, count, setup);
                         assert_eq!(
@@ -250,14 +257,7 @@ fn check_ties<T: Element>(pick: fn(&RenormKernels) -> RenormRowsFn) {
         for isa in Isa::all_available() {
             let k = RenormKernels::for_isa(isa).unwrap();
             for out_kind in [None, Some(false), Some(true)] {
-                let setup = Setup {
-                    norm: NormKind::L2,
-                    write_back: true,
-                    out_kind,
-                    max_norm,
-                    stream_out: false,
-                    out_skew: 0,
-                };
+                let setup = Setup::plain(NormKind::L2, true, out_kind, max_norm);
                 let want = run(pick(&reference), &row, dim, &rows, 1, setup);
                 let got = run(pick(&k), &row, dim, &rows, 1, setup);
                 assert_eq!(got, want, "{} {:?} ties, dim {dim}", k.name(), T::DTYPE);
@@ -293,14 +293,7 @@ fn driver_matches_scalar_in_place_and_out_of_place() {
                 (NormKind::L2, true, Some(true), &perm),
                 (NormKind::P(3.5), false, Some(false), &dup_rows),
             ] {
-                let setup = Setup {
-                    norm,
-                    write_back,
-                    out_kind,
-                    max_norm: 1.0,
-                    stream_out: false,
-                    out_skew: 0,
-                };
+                let setup = Setup::plain(norm, write_back, out_kind, 1.0);
                 let want = run(pick(&reference), &table, dim, rows, ROWS, setup);
                 for isa in Isa::all_available() {
                     let k = RenormKernels::for_isa(isa).unwrap();
@@ -431,14 +424,7 @@ fn rows_with_signalling_nans_come_out_bit_for_bit() {
                     for norm in [NormKind::L1, NormKind::L2, NormKind::Inf, NormKind::P(3.5)] {
                         for out_kind in [Some(false), Some(true)] {
                             for write_back in [false, true] {
-                                let setup = Setup {
-                                    norm,
-                                    write_back,
-                                    out_kind,
-                                    max_norm: 1.0,
-                                    stream_out: false,
-                                    out_skew: 0,
-                                };
+                                let setup = Setup::plain(norm, write_back, out_kind, 1.0);
                                 let what = format!(
                                     "{} {:?}, dim {dim}, NaN at {pos}, {setup:?}",
                                     k.name(),
