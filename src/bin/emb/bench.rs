@@ -52,8 +52,7 @@ pub struct Args {
     /// Output dtype: f32, or native (the table's dtype).
     #[arg(long, default_value = "f32", value_parser = ["f32", "native"])]
     out_dtype: String,
-    /// Threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, help = crate::THREADS_HELP)]
     pub(crate) threads: Option<usize>,
     /// Timed iterations.
     #[arg(long, default_value_t = 11)]

@@ -102,6 +102,15 @@ pub fn read_f32(spec: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
 
 /// Map a file and pick one tensor (by name, or the only one).
 fn open_entry(path: &Path, name: Option<&str>) -> Result<(formats::TensorEntry, Mmap), Error> {
+    open_entry_of_rank(path, name, None)
+}
+
+/// Map a file and pick one tensor: by name, or the only one of `rank` dimensions.
+pub fn open_entry_of_rank(
+    path: &Path,
+    name: Option<&str>,
+    rank: Option<usize>,
+) -> Result<(formats::TensorEntry, Mmap), Error> {
     let format = Format::from_path(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::Io {
         path: Some(path.to_path_buf()),
@@ -117,8 +126,39 @@ fn open_entry(path: &Path, name: Option<&str>) -> Result<(formats::TensorEntry, 
         Error::Format { path: None, reason } => bad(path, reason),
         other => other,
     })?;
-    let entry = parsed.select(name, None, path)?.clone();
+    let entry = parsed.select(name, rank, path)?.clone();
     Ok((entry, map))
+}
+
+/// Refuse to write `output` when it is the same file as `input` (by device and inode, so a
+/// symlink, hard link or another spelling of the path is caught too): renaming the result over
+/// it would destroy the input. A missing output is never the input.
+pub fn refuse_overwriting_input(output: &Path, input: &Path, what: &str) -> Result<(), Error> {
+    if same_file(output, input) {
+        return Err(Error::InvalidArgument(format!(
+            "the output {} is the input {what} {} (the same file): writing it would replace \
+             the input; choose another output path",
+            output.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (ma.dev(), ma.ino()) == (mb.dev(), mb.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    }
 }
 
 fn bad(path: &Path, reason: String) -> Error {

@@ -1,0 +1,250 @@
+//! What a new user meets first: bounded thread counts, `emb convert` never destroying its
+//! input, errors that say what is wrong and for what, and figures that explain themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use embedding_lookup::table::formats::{write_tensors, TensorDType, TensorToWrite};
+use embedding_lookup::{DType, Table};
+
+fn emb(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_emb"))
+        .args(args)
+        .output()
+        .expect("emb runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Exit status 2 with an `error:` line holding every one of `needles`.
+fn assert_refused(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err:?}");
+    }
+}
+
+struct Files {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        Files { _dir: dir, root }
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    /// A 10 × 3 f32 table as `table.npy` and ids `[1, 2, 9]` as `ids.npy`.
+    fn table_and_ids(&self) -> Table<'static> {
+        let table = Table::randn(10, 3, DType::F32, 1).unwrap();
+        table.save(self.p("table.npy")).unwrap();
+        write_raw(
+            &self.p("ids.npy"),
+            "",
+            TensorDType::I64,
+            vec![3],
+            &[1i64, 2, 9],
+        );
+        table
+    }
+}
+
+fn write_raw<T: bytemuck::Pod>(
+    path: &Path,
+    name: &str,
+    dtype: TensorDType,
+    shape: Vec<usize>,
+    v: &[T],
+) {
+    write_tensors(
+        path,
+        &[TensorToWrite {
+            name,
+            dtype,
+            shape,
+            data: bytemuck::cast_slice(v),
+        }],
+        &Default::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn absurd_thread_counts_are_refused_before_any_thread_starts() {
+    let f = Files::new();
+    f.table_and_ids();
+    let (table, ids, out) = (f.p("table.npy"), f.p("ids.npy"), f.p("out.npy"));
+    for n in ["100000", "1025", "0"] {
+        let t = Instant::now();
+        let o = emb(&[
+            "lookup",
+            "--table",
+            s(&table),
+            "--indices",
+            s(&ids),
+            "--out",
+            s(&out),
+            "--threads",
+            n,
+        ]);
+        assert_refused(&o, &["--threads", n, "1024"]);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{n} threads took {:?}",
+            t.elapsed()
+        );
+        assert!(!out.exists());
+    }
+    let o = emb(&[
+        "bag",
+        "--mode",
+        "sum",
+        "--table",
+        s(&table),
+        "--indices",
+        s(&ids),
+        "--offsets",
+        s(&ids),
+        "--out",
+        s(&out),
+        "--threads",
+        "5000",
+    ]);
+    assert_refused(&o, &["--threads", "5000", "1024"]);
+    let o = emb(&[
+        "bench",
+        "--rows",
+        "16",
+        "--batch",
+        "16",
+        "--iters",
+        "1",
+        "--threads",
+        "5000",
+    ]);
+    assert_refused(&o, &["--threads", "5000", "1024"]);
+    // The bound itself is accepted, and said in --help.
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&table),
+        "--indices",
+        s(&ids),
+        "--out",
+        s(&out),
+        "--threads",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = stdout(&emb(&["lookup", "--help"]));
+    assert!(help.contains("1 to 1024"), "{help}");
+    assert_eq!(embedding_lookup::util::MAX_THREADS, 1024);
+    assert!(embedding_lookup::util::thread_pool(1025).is_err());
+    assert!(embedding_lookup::util::thread_pool(0).is_err());
+}
+
+/// A model of three tensors, `emb.weight` 10 × 3 f32 among them.
+fn model(f: &Files) -> (PathBuf, Vec<u8>) {
+    let path = f.p("model.safetensors");
+    let emb: Vec<f32> = (0..30).map(|i| i as f32 * 0.5).collect();
+    let other = [1.0f32; 4];
+    let ids = [0i64, 1, 2, 3];
+    write_tensors(
+        &path,
+        &[
+            TensorToWrite {
+                name: "emb.weight",
+                dtype: TensorDType::Float(DType::F32),
+                shape: vec![10, 3],
+                data: bytemuck::cast_slice(&emb),
+            },
+            TensorToWrite {
+                name: "head.weight",
+                dtype: TensorDType::Float(DType::F32),
+                shape: vec![2, 2],
+                data: bytemuck::cast_slice(&other),
+            },
+            TensorToWrite {
+                name: "position_ids",
+                dtype: TensorDType::I64,
+                shape: vec![1, 4],
+                data: bytemuck::cast_slice(&ids),
+            },
+        ],
+        &Default::default(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    (path, bytes)
+}
+
+#[test]
+fn convert_refuses_an_output_that_is_its_input_by_any_path() {
+    let f = Files::new();
+    let (path, before) = model(&f);
+    std::os::unix::fs::symlink(&path, f.p("link.safetensors")).unwrap();
+    std::fs::hard_link(&path, f.p("hard.safetensors")).unwrap();
+    std::fs::create_dir(f.p("sub")).unwrap();
+    let spec = format!("{}:emb.weight", s(&path));
+    let dotted = f.p("sub/../model.safetensors");
+    for out in [
+        path.clone(),
+        f.p("link.safetensors"),
+        f.p("hard.safetensors"),
+        dotted,
+    ] {
+        let o = emb(&["convert", &spec, s(&out), "--dtype", "f16"]);
+        assert_refused(&o, &["is the input", "model.safetensors"]);
+        assert_eq!(std::fs::read(&path).unwrap(), before, "{}", out.display());
+    }
+    assert!(std::fs::symlink_metadata(f.p("link.safetensors"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn convert_keeps_the_tensor_name_unless_told_and_says_what_it_writes() {
+    let f = Files::new();
+    let (path, _) = model(&f);
+    let spec = format!("{}:emb.weight", s(&path));
+    let out = f.p("emb16.safetensors");
+    let o = emb(&["convert", &spec, s(&out), "--dtype", "f16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = Table::open(&out, Some("emb.weight")).unwrap();
+    assert_eq!((t.rows(), t.dim(), t.dtype()), (10, 3, DType::F16));
+    assert!(Table::open(&out, Some("weight")).is_err());
+    let o = emb(&[
+        "convert",
+        &spec,
+        s(&out),
+        "--dtype",
+        "bf16",
+        "--name",
+        "tok",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(Table::open(&out, Some("tok")).unwrap().dtype(), DType::BF16);
+    let help = stdout(&emb(&["convert", "--help"]));
+    for n in ["must not be the input", "--name", "other tensors"] {
+        assert!(help.contains(n), "{n:?} not in {help}");
+    }
+}
