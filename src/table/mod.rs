@@ -229,6 +229,23 @@ impl Table<'static> {
     /// A mapped file must not be truncated or rewritten in place while the table is alive: the
     /// operating system would then fault (SIGBUS) on access. Replacing it by a rename is safe.
     /// Use [`OpenMode::Copy`] where another process may change the file; see [`OpenMode`].
+    ///
+    /// ```
+    /// use embedding_lookup::{DType, Table};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("model.safetensors");
+    /// let made = Table::new_embedding(100, 8, DType::BF16, Some(0), 7)?;
+    /// made.save_as(&path, "embed_tokens.weight")?;
+    ///
+    /// let table = Table::open(&path, Some("embed_tokens.weight"))?;
+    /// assert_eq!((table.rows(), table.dim(), table.dtype()), (100, 8, DType::BF16));
+    /// assert!(table.is_zero_copy()); // the file's pages, viewed in place
+    /// let out: Vec<f32> = table.lookup(&[5i64, 0])?;
+    /// assert_eq!(out, made.lookup::<i64, f32>(&[5, 0])?);
+    /// assert!(out[8..].iter().all(|&v| v == 0.0)); // row 0 is the zeroed padding row
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>, tensor: Option<&str>) -> Result<Self> {
         Table::open_with(
             path,
