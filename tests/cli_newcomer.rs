@@ -248,3 +248,33 @@ fn convert_keeps_the_tensor_name_unless_told_and_says_what_it_writes() {
         assert!(help.contains(n), "{n:?} not in {help}");
     }
 }
+
+/// A library-only user (`default-features = false`) compiles neither clap nor indicatif.
+#[test]
+fn the_library_alone_depends_on_neither_clap_nor_indicatif() {
+    let tree = |features: &[&str]| {
+        let o = Command::new(env!("CARGO"))
+            .args(["tree", "-e", "normal", "--prefix", "none", "--offline"])
+            .args(features)
+            .arg("--manifest-path")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .output()
+            .expect("cargo tree runs");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let names = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let lib_only = names(&tree(&["--no-default-features"]));
+    assert!(lib_only.iter().any(|n| n == "rayon"), "{lib_only:?}");
+    for dep in ["clap", "indicatif"] {
+        assert!(!lib_only.iter().any(|n| n == dep), "{dep} in {lib_only:?}");
+    }
+    // The command line still has them by default.
+    let full = names(&tree(&[]));
+    assert!(full.iter().any(|n| n == "clap"), "{full:?}");
+}
