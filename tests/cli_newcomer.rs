@@ -278,3 +278,53 @@ fn the_library_alone_depends_on_neither_clap_nor_indicatif() {
     let full = names(&tree(&[]));
     assert!(full.iter().any(|n| n == "clap"), "{full:?}");
 }
+
+#[test]
+fn zero_iterations_rows_or_batch_are_refused_not_reported() {
+    for args in [
+        &["demo", "--iters", "0"][..],
+        &["demo", "--rows", "0"],
+        &["demo", "--batch", "0"],
+        &["bench", "--rows", "64", "--batch", "64", "--iters", "0"],
+    ] {
+        let o = emb(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("at least 1"), "{args:?}: {err}");
+        assert!(err.contains(args[args.len() - 2]), "{args:?}: {err}");
+        assert!(stdout(&o).is_empty(), "{args:?} printed {}", stdout(&o));
+    }
+}
+
+#[test]
+fn demo_says_what_its_ratio_is() {
+    let o = emb(&["demo", "--rows", "1024", "--batch", "4096", "--iters", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("ratio = "))
+        .unwrap_or_else(|| panic!("no explanation of the ratio in {out}"));
+    for n in [
+        "memcpy of the same bytes",
+        "this run",
+        "1.0",
+        "copy bandwidth",
+        "median of 3",
+    ] {
+        assert!(line.contains(n), "{n:?} not in {line}");
+    }
+    // The percentage is the printed ratio's.
+    let ratio: f64 = out
+        .split("ratio ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ratio in {out}"));
+    // Within the rounding of the two-decimal ratio.
+    let pct = (ratio * 100.0).round() as i64;
+    assert!(
+        (pct - 1..=pct + 1).any(|p| line.contains(&format!(" {p}% "))),
+        "{line} vs {ratio}"
+    );
+}

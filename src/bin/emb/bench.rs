@@ -54,8 +54,8 @@ pub struct Args {
     out_dtype: String,
     #[arg(long, help = crate::THREADS_HELP)]
     pub(crate) threads: Option<usize>,
-    /// Timed iterations.
-    #[arg(long, default_value_t = 11)]
+    /// Timed iterations (at least 1).
+    #[arg(long, default_value_t = 11, value_parser = crate::positive)]
     pub(crate) iters: usize,
     /// Rows ahead to prefetch (default: the library's measured default).
     #[arg(long)]

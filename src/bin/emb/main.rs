@@ -109,6 +109,16 @@ fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -
     }
 }
 
+/// A count that must be at least 1 (`--iters`, `--rows`, ...): 0 would time nothing and print
+/// figures of no run.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
 /// The help text of every `--threads` option.
 const THREADS_HELP: &str =
     "Worker threads, 1 to 1024 (default: all cores); larger counts are refused";
