@@ -328,3 +328,220 @@ fn demo_says_what_its_ratio_is() {
         "{line} vs {ratio}"
     );
 }
+
+/// A `.npy` file with any `descr`, written by hand (NumPy's own layout, version 1.0).
+fn npy_raw(path: &Path, descr: &str, shape: &str, data: &[u8]) {
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    v.extend_from_slice(dict.as_bytes());
+    v.extend_from_slice(data);
+    std::fs::write(path, v).unwrap();
+}
+
+fn f64_table() -> Vec<f64> {
+    // Values that round differently to each width, and one that double rounding through f32
+    // would get wrong for f16 (just above an f16 tie, below f32's resolution of the tie).
+    let mut v: Vec<f64> = (0..27)
+        .map(|i| (i as f64 - 13.0) / 3.0 + 1e-9 * i as f64)
+        .collect();
+    v.extend([0.1, 1.0 + 2f64.powi(-11) + 2f64.powi(-40), -65504.0]);
+    v
+}
+
+#[test]
+fn a_float64_table_is_refused_for_what_it_is_and_emb_convert_reads_it() {
+    let f = Files::new();
+    let v = f64_table();
+    npy_raw(&f.p("t64.npy"), "<f8", "(10, 3)", bytemuck::cast_slice(&v));
+    write_raw(&f.p("ids.npy"), "", TensorDType::I64, vec![2], &[0i64, 9]);
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("t64.npy")),
+        "--indices",
+        s(&f.p("ids.npy")),
+        "--out",
+        s(&f.p("o.npy")),
+    ]);
+    assert_refused(
+        &o,
+        &[
+            "float64 tables are not supported",
+            "emb convert",
+            "--dtype f32",
+        ],
+    );
+    assert!(!stderr(&o).contains("not a valid"), "{}", stderr(&o));
+    // The fix is one command; each width rounds the f64 once, to nearest.
+    for (dtype, out) in [
+        ("f32", "t32.npy"),
+        ("f16", "t16.safetensors"),
+        ("bf16", "tb.safetensors"),
+    ] {
+        let o = emb(&[
+            "convert",
+            s(&f.p("t64.npy")),
+            s(&f.p(out)),
+            "--dtype",
+            dtype,
+        ]);
+        assert!(o.status.success(), "{dtype}: {}", stderr(&o));
+        let t = Table::open(f.p(out), None).unwrap();
+        assert_eq!((t.rows(), t.dim()), (10, 3));
+        let want: Vec<u8> = match dtype {
+            "f32" => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            "f16" => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f64(x).to_le_bytes())
+                .collect(),
+            _ => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f64(x).to_le_bytes())
+                .collect(),
+        };
+        assert_eq!(t.as_bytes(), &want[..], "{dtype}");
+    }
+    // safetensors F64 likewise, and named once as unsupported.
+    write_raw(
+        &f.p("m.safetensors"),
+        "w",
+        TensorDType::F64,
+        vec![10, 3],
+        &v,
+    );
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("m.safetensors")),
+        "--indices",
+        s(&f.p("ids.npy")),
+        "--out",
+        s(&f.p("o.npy")),
+    ]);
+    assert_refused(&o, &["float64 tables are not supported", "m.safetensors:w"]);
+    assert!(!stderr(&o).contains("(unsupported)"), "{}", stderr(&o));
+    let o = emb(&[
+        "convert",
+        s(&f.p("m.safetensors")),
+        s(&f.p("m32.safetensors")),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = Table::open(f.p("m32.safetensors"), Some("w")).unwrap();
+    assert_eq!(
+        t.as_slice::<f32>().unwrap()[28],
+        (1.0 + 2f64.powi(-11) + 2f64.powi(-40)) as f32
+    );
+}
+
+#[test]
+fn narrow_integer_indices_are_widened_and_other_dtypes_named_as_indices() {
+    let f = Files::new();
+    let table = f.table_and_ids();
+    let want: Vec<f32> = table.lookup(&[1i64, 2, 9, 0]).unwrap();
+    let idx = [1u8, 2, 9, 0];
+    for (descr, data) in [
+        ("|i1", idx.to_vec()),
+        ("|u1", idx.to_vec()),
+        (
+            "<i2",
+            idx.iter().flat_map(|&i| (i as i16).to_le_bytes()).collect(),
+        ),
+        (
+            "<u2",
+            idx.iter().flat_map(|&i| (i as u16).to_le_bytes()).collect(),
+        ),
+    ] {
+        npy_raw(&f.p("ids.npy"), descr, "(2, 2)", &data);
+        let out = f.p("out.npy");
+        let o = emb(&[
+            "lookup",
+            "--table",
+            s(&f.p("table.npy")),
+            "--indices",
+            s(&f.p("ids.npy")),
+            "--out",
+            s(&out),
+        ]);
+        assert!(o.status.success(), "{descr}: {}", stderr(&o));
+        // A (2, 2, 3) output: read its bytes through the npy parser.
+        let bytes = std::fs::read(&out).unwrap();
+        let parsed = embedding_lookup::table::formats::parse(
+            &bytes,
+            embedding_lookup::table::formats::Format::Npy,
+        )
+        .unwrap();
+        assert_eq!(parsed.entries[0].shape, [2, 2, 3], "{descr}");
+        assert_eq!(
+            &bytes[parsed.entries[0].data.clone()],
+            bytemuck::cast_slice::<f32, u8>(&want),
+            "{descr}"
+        );
+    }
+    // A negative int8 index is an out-of-range index, named as such.
+    npy_raw(&f.p("ids.npy"), "|i1", "(2,)", &[1, 0xff]);
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("table.npy")),
+        "--indices",
+        s(&f.p("ids.npy")),
+        "--out",
+        s(&f.p("out.npy")),
+    ]);
+    assert_refused(&o, &["index -1 at position 1"]);
+    // Floats and booleans as indices: said to be wrong as indices, with the types that work.
+    npy_raw(&f.p("ids.npy"), "<f4", "(1,)", &1.0f32.to_le_bytes());
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("table.npy")),
+        "--indices",
+        s(&f.p("ids.npy")),
+        "--out",
+        s(&f.p("out.npy")),
+    ]);
+    assert_refused(&o, &["indices", "not an index type", "int8", "uint64"]);
+    npy_raw(&f.p("ids.npy"), "|b1", "(1,)", &[1]);
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("table.npy")),
+        "--indices",
+        s(&f.p("ids.npy")),
+        "--out",
+        s(&f.p("out.npy")),
+    ]);
+    assert_refused(
+        &o,
+        &["ids.npy", "\"|b1\" is not supported", "indices", "<i1"],
+    );
+    assert!(!stderr(&o).contains("not a valid"), "{}", stderr(&o));
+    // An index file given as the table: said to hold indices.
+    write_raw(
+        &f.p("ids2d.npy"),
+        "",
+        TensorDType::I64,
+        vec![2, 2],
+        &[0i64, 1, 2, 3],
+    );
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&f.p("ids2d.npy")),
+        "--indices",
+        s(&f.p("ids2d.npy")),
+        "--out",
+        s(&f.p("out.npy")),
+    ]);
+    assert_refused(
+        &o,
+        &["cannot be a table", "has dtype i64", "indices, not a table"],
+    );
+}

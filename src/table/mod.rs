@@ -707,16 +707,28 @@ fn advise(map: &[u8], residency: Residency) {
 }
 
 fn table_dtype(entry: &TensorEntry, path: &Path) -> Result<DType> {
-    match &entry.dtype {
-        TensorDType::Float(d) => Ok(*d),
-        other => Err(Error::format(
-            Some(path),
-            format!(
-                "tensor {} has dtype {other}; a table must be f32, f16 or bf16",
-                entry.describe()
-            ),
-        )),
-    }
+    let what = match &entry.dtype {
+        TensorDType::Float(d) => return Ok(*d),
+        TensorDType::F64 => format!(
+            "float64 tables are not supported; convert it with \
+             `emb convert {}{} OUT.safetensors --dtype f32` (or f16, bf16)",
+            path.display(),
+            if entry.name.is_empty() {
+                String::new()
+            } else {
+                format!(":{}", entry.name)
+            }
+        ),
+        d if d.is_integer() => format!("it has dtype {d}: integers are indices, not a table"),
+        d => format!("it has dtype {d}, which is not supported"),
+    };
+    Err(Error::format(
+        Some(path),
+        format!(
+            "tensor {} cannot be a table: {what}; a table must be f32, f16 or bf16",
+            entry.describe()
+        ),
+    ))
 }
 
 /// The byte size of a `rows × dim` table of `dtype`. Every size a table is used with must fit

@@ -14,7 +14,7 @@ use crate::CliResult;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The table: FILE[:TENSOR] (f32, f16 or bf16; f64 too, rounded to nearest).
+    /// The table: FILE[:TENSOR] of f32, f16, bf16 or f64 (NumPy's default; rounded to nearest).
     input: String,
     /// The output file, which must not be the input: a .safetensors file holding the one
     /// converted tensor (named as in the input, or --name; "weight" for a .npy input), or a
@@ -38,12 +38,13 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     let (entry, map) = open_entry_of_rank(&path, tensor.as_deref(), Some(2))?;
     refuse_overwriting_input(&args.output, &path, "table")?;
     let from = match &entry.dtype {
-        TensorDType::Float(d) => *d,
+        TensorDType::Float(d) => Source::Table(*d),
+        TensorDType::F64 => Source::F64,
         other => {
             return Err(Error::Format {
                 path: Some(path),
                 reason: format!(
-                    "tensor {} has dtype {other}; emb convert reads f32, f16 and bf16 tables",
+                    "tensor {} has dtype {other}; emb convert reads f64, f32, f16 and bf16 tables",
                     entry.describe()
                 ),
             }
@@ -81,7 +82,10 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     if block_in > 0 {
         for chunk in src.chunks(block_in) {
             buf.resize(chunk.len() / from.size() * to.size(), 0);
-            convert_bytes(from, chunk, to, &mut buf);
+            match from {
+                Source::Table(from) => convert_bytes(from, chunk, to, &mut buf),
+                Source::F64 => narrow_f64(chunk, to, &mut buf),
+            }
             file.write_all(&buf)?;
             bar.inc(chunk.len() as u64);
         }
@@ -90,10 +94,58 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     bar.finish_and_clear();
     if verbose {
         eprintln!(
-            "{}: {rows} × {dim} {from} -> {} ({to}, tensor {name:?})",
+            "{}: {rows} × {dim} {} -> {} ({to}, tensor {name:?})",
             path.display(),
+            from.name(),
             args.output.display()
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The element type of the input: a table dtype, or f64 (which only `emb convert` reads).
+#[derive(Clone, Copy)]
+enum Source {
+    Table(DType),
+    F64,
+}
+
+impl Source {
+    fn size(self) -> usize {
+        match self {
+            Source::Table(d) => d.size(),
+            Source::F64 => 8,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Source::Table(d) => d.name(),
+            Source::F64 => "f64",
+        }
+    }
+}
+
+/// f64 elements (possibly unaligned bytes) rounded to nearest, ties to even, straight to `to`:
+/// one rounding, not two through f32.
+fn narrow_f64(src: &[u8], to: DType, dst: &mut [u8]) {
+    let values = src
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match to {
+        DType::F32 => {
+            for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                d.copy_from_slice(&(v as f32).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&half::f16::from_f64(v).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes());
+            }
+        }
+    }
 }

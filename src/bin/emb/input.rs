@@ -51,22 +51,35 @@ impl Indices {
     }
 }
 
-/// Read an index tensor from `FILE[:TENSOR]` (`.npy` int32/int64/uint32/uint64, or a
-/// safetensors I32/I64/U32/U64 tensor; with no name, the file must hold one tensor).
+/// Read an index tensor from `FILE[:TENSOR]` (`.npy` or safetensors integers of 1 to 8 bytes,
+/// the narrow ones widened; with no name, the file must hold one tensor).
 pub fn read_indices(spec: &str) -> Result<Indices, Error> {
     let (path, name) = formats::split_tensor_spec(spec);
     let (entry, map) = open_entry(&path, name.as_deref())?;
     let bytes = &map[entry.data.clone()];
+    // Narrow integer types (numpy's int8/int16/uint8/uint16) are widened, exactly.
+    fn widen<T: bytemuck::Pod, W: From<T>>(bytes: &[u8]) -> Vec<W> {
+        bytemuck::pod_collect_to_vec::<u8, T>(bytes)
+            .into_iter()
+            .map(W::from)
+            .collect()
+    }
     let data = match entry.dtype {
         TensorDType::I32 => IndexData::I32(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::I64 => IndexData::I64(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::U32 => IndexData::U32(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::U64 => IndexData::U64(bytemuck::pod_collect_to_vec(bytes)),
+        TensorDType::I8 => IndexData::I32(widen::<i8, i32>(bytes)),
+        TensorDType::I16 => IndexData::I32(widen::<i16, i32>(bytes)),
+        TensorDType::U8 => IndexData::U32(widen::<u8, u32>(bytes)),
+        TensorDType::U16 => IndexData::U32(widen::<u16, u32>(bytes)),
         ref other => {
             return Err(bad(
                 &path,
                 format!(
-                    "indices {} have dtype {other}; expected int32, int64, uint32 or uint64",
+                    "indices {} have dtype {other}, which is not an index type: indices must be \
+                     integers (int8, int16, int32, int64, uint8, uint16, uint32 or uint64); \
+                     in NumPy, `ids.astype(np.int64)`",
                     entry.describe()
                 ),
             ))
