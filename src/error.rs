@@ -154,10 +154,16 @@ impl fmt::Display for Error {
                 "output buffer holds {actual} elements but {expected} are required"
             ),
             Error::ShapeMismatch(s) => write!(f, "shape mismatch: {s}"),
-            Error::DTypeMismatch { expected, actual } => write!(
-                f,
-                "dtype mismatch: expected {expected} (or f32), got {actual}"
-            ),
+            Error::DTypeMismatch { expected, actual } => {
+                write!(
+                    f,
+                    "dtype mismatch: the table holds {expected}, {actual} was asked for"
+                )?;
+                if *expected != DType::F32 {
+                    write!(f, " (a lookup's output may be {expected} or f32)")?;
+                }
+                Ok(())
+            }
             Error::ReadOnlyTable => write!(
                 f,
                 "the table is read-only (a read-only file map or a borrowed slice); \

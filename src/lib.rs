@@ -53,6 +53,10 @@ pub mod table;
 pub mod util;
 pub mod workload;
 
+/// The `half` crate, whose `f16` and `bf16` are the element types of 16-bit tables: re-exported
+/// so that users name them without adding (and version-matching) the dependency themselves.
+pub use half;
+
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use index::Index;
@@ -62,6 +66,11 @@ pub use ops::lookup::output_shape;
 pub use ops::optim::{Rounding, RowwiseAdagrad, Sgd};
 pub use ops::renorm::MaxNorm;
 pub use table::{OpenMode, OpenOptions, StorageKind, Table};
+
+/// The README's Rust examples, compiled and run as doctests so that they stay true to the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;
 
 /// The name of the kernel set this process uses (`avx512`, `avx2+f16c`, `neon`, `portable`,
 /// `scalar`), as benchmarks and `emb --verbose` print it.

@@ -229,6 +229,23 @@ impl Table<'static> {
     /// A mapped file must not be truncated or rewritten in place while the table is alive: the
     /// operating system would then fault (SIGBUS) on access. Replacing it by a rename is safe.
     /// Use [`OpenMode::Copy`] where another process may change the file; see [`OpenMode`].
+    ///
+    /// ```
+    /// use embedding_lookup::{DType, Table};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("model.safetensors");
+    /// let made = Table::new_embedding(100, 8, DType::BF16, Some(0), 7)?;
+    /// made.save_as(&path, "embed_tokens.weight")?;
+    ///
+    /// let table = Table::open(&path, Some("embed_tokens.weight"))?;
+    /// assert_eq!((table.rows(), table.dim(), table.dtype()), (100, 8, DType::BF16));
+    /// assert!(table.is_zero_copy()); // the file's pages, viewed in place
+    /// let out: Vec<f32> = table.lookup(&[5i64, 0])?;
+    /// assert_eq!(out, made.lookup::<i64, f32>(&[5, 0])?);
+    /// assert!(out[8..].iter().all(|&v| v == 0.0)); // row 0 is the zeroed padding row
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>, tensor: Option<&str>) -> Result<Self> {
         Table::open_with(
             path,
@@ -690,16 +707,28 @@ fn advise(map: &[u8], residency: Residency) {
 }
 
 fn table_dtype(entry: &TensorEntry, path: &Path) -> Result<DType> {
-    match &entry.dtype {
-        TensorDType::Float(d) => Ok(*d),
-        other => Err(Error::format(
-            Some(path),
-            format!(
-                "tensor {} has dtype {other}; a table must be f32, f16 or bf16",
-                entry.describe()
-            ),
-        )),
-    }
+    let what = match &entry.dtype {
+        TensorDType::Float(d) => return Ok(*d),
+        TensorDType::F64 => format!(
+            "float64 tables are not supported; convert it with \
+             `emb convert {}{} OUT.safetensors --dtype f32` (or f16, bf16)",
+            path.display(),
+            if entry.name.is_empty() {
+                String::new()
+            } else {
+                format!(":{}", entry.name)
+            }
+        ),
+        d if d.is_integer() => format!("it has dtype {d}: integers are indices, not a table"),
+        d => format!("it has dtype {d}, which is not supported"),
+    };
+    Err(Error::format(
+        Some(path),
+        format!(
+            "tensor {} cannot be a table: {what}; a table must be f32, f16 or bf16",
+            entry.describe()
+        ),
+    ))
 }
 
 /// The byte size of a `rows × dim` table of `dtype`. Every size a table is used with must fit

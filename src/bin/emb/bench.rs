@@ -52,11 +52,10 @@ pub struct Args {
     /// Output dtype: f32, or native (the table's dtype).
     #[arg(long, default_value = "f32", value_parser = ["f32", "native"])]
     out_dtype: String,
-    /// Threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, help = crate::THREADS_HELP)]
     pub(crate) threads: Option<usize>,
-    /// Timed iterations.
-    #[arg(long, default_value_t = 11)]
+    /// Timed iterations (at least 1).
+    #[arg(long, default_value_t = 11, value_parser = crate::positive)]
     pub(crate) iters: usize,
     /// Rows ahead to prefetch (default: the library's measured default).
     #[arg(long)]

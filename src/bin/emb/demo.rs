@@ -12,24 +12,24 @@ use crate::CliResult;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Rows of the throughput table.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Rows of the throughput table (at least 1).
+    #[arg(long, default_value_t = 1 << 20, value_parser = crate::positive)]
     rows: usize,
-    /// Row width of the throughput table.
-    #[arg(long, default_value_t = 64)]
+    /// Row width of the throughput table (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = crate::positive)]
     dim: usize,
-    /// Lookups per timed iteration.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Lookups per timed iteration (at least 1).
+    #[arg(long, default_value_t = 1 << 20, value_parser = crate::positive)]
     batch: usize,
-    /// Timed iterations (the median is printed).
-    #[arg(long, default_value_t = 7)]
+    /// Timed iterations, at least 1 (the median is printed).
+    #[arg(long, default_value_t = 7, value_parser = crate::positive)]
     iters: usize,
 }
 
 /// The example of the embedding notes: indices of shape (2, 4) into a 10 × 3 table.
 const EXAMPLE_INDICES: [i64; 8] = [1, 2, 4, 5, 4, 3, 2, 9];
 
-pub fn run(args: Args, verbose: bool) -> CliResult {
+pub fn run(args: Args, _verbose: bool) -> CliResult {
     // 1. A 10 × 3 table as nn.Embedding(10, 3) would make it, saved and mapped back.
     let dir = std::env::temp_dir().join(format!("emb-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -70,7 +70,7 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     result?;
 
     // 2. Throughput on a larger table, with a memcpy of the same bytes as the baseline.
-    let (rows, dim, batch) = (args.rows.max(1), args.dim, args.batch);
+    let (rows, dim, batch) = (args.rows, args.dim, args.batch);
     eprintln!("building a {rows} × {dim} f32 table and {batch} uniform random indices ...");
     let table = Table::randn(rows, dim, DType::F32, 1)?;
     let mut rng = Rng::new(2);
@@ -89,28 +89,33 @@ pub fn run(args: Args, verbose: bool) -> CliResult {
     // Bytes moved: each row read once and written once (indices: 4 bytes each).
     let bytes = (batch * dim * 4 * 2 + batch * 4) as f64;
     let copy_bytes = (batch * dim * 4 * 2) as f64;
+    let ratio = (bytes / lookup_s) / (copy_bytes / memcpy_s);
     println!(
-        "lookup: {:.1} M rows/s, {:.1} GB/s (read + written); memcpy of the same output: {:.1} GB/s; ratio {:.2}; kernel {}, {} threads",
+        "lookup: {:.1} M rows/s, {:.1} GB/s (read + written); memcpy of the same output: {:.1} GB/s; ratio {ratio:.2}; kernel {}, {} threads",
         batch as f64 / lookup_s / 1e6,
         bytes / lookup_s / 1e9,
         copy_bytes / memcpy_s / 1e9,
-        (bytes / lookup_s) / (copy_bytes / memcpy_s),
         embedding_lookup::kernel_name(),
         rayon::current_num_threads()
     );
-    if verbose {
-        eprintln!("median of {} iterations", args.iters);
-    }
+    println!(
+        "ratio = the lookup's bytes per second / a memcpy of the same bytes, both in this run \
+         (median of {} iterations): about 1.0 is this machine's copy bandwidth, the limit for \
+         moving rows; {ratio:.2} is {:.0}% of it. It depends on the CPU and its memory, not \
+         only on this code.",
+        args.iters,
+        ratio * 100.0
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-/// Median wall time of `iters` runs of `f`.
+/// Median wall time of `iters` (at least 1) runs of `f`.
 pub fn median_secs(
     iters: usize,
     mut f: impl FnMut() -> Result<(), embedding_lookup::Error>,
 ) -> CliResult<f64> {
-    let mut times = Vec::with_capacity(iters.max(1));
-    for _ in 0..iters.max(1) {
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64());

@@ -51,22 +51,35 @@ impl Indices {
     }
 }
 
-/// Read an index tensor from `FILE[:TENSOR]` (`.npy` int32/int64/uint32/uint64, or a
-/// safetensors I32/I64/U32/U64 tensor; with no name, the file must hold one tensor).
+/// Read an index tensor from `FILE[:TENSOR]` (`.npy` or safetensors integers of 1 to 8 bytes,
+/// the narrow ones widened; with no name, the file must hold one tensor).
 pub fn read_indices(spec: &str) -> Result<Indices, Error> {
     let (path, name) = formats::split_tensor_spec(spec);
     let (entry, map) = open_entry(&path, name.as_deref())?;
     let bytes = &map[entry.data.clone()];
+    // Narrow integer types (numpy's int8/int16/uint8/uint16) are widened, exactly.
+    fn widen<T: bytemuck::Pod, W: From<T>>(bytes: &[u8]) -> Vec<W> {
+        bytemuck::pod_collect_to_vec::<u8, T>(bytes)
+            .into_iter()
+            .map(W::from)
+            .collect()
+    }
     let data = match entry.dtype {
         TensorDType::I32 => IndexData::I32(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::I64 => IndexData::I64(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::U32 => IndexData::U32(bytemuck::pod_collect_to_vec(bytes)),
         TensorDType::U64 => IndexData::U64(bytemuck::pod_collect_to_vec(bytes)),
+        TensorDType::I8 => IndexData::I32(widen::<i8, i32>(bytes)),
+        TensorDType::I16 => IndexData::I32(widen::<i16, i32>(bytes)),
+        TensorDType::U8 => IndexData::U32(widen::<u8, u32>(bytes)),
+        TensorDType::U16 => IndexData::U32(widen::<u16, u32>(bytes)),
         ref other => {
             return Err(bad(
                 &path,
                 format!(
-                    "indices {} have dtype {other}; expected int32, int64, uint32 or uint64",
+                    "indices {} have dtype {other}, which is not an index type: indices must be \
+                     integers (int8, int16, int32, int64, uint8, uint16, uint32 or uint64); \
+                     in NumPy, `ids.astype(np.int64)`",
                     entry.describe()
                 ),
             ))
@@ -102,6 +115,15 @@ pub fn read_f32(spec: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
 
 /// Map a file and pick one tensor (by name, or the only one).
 fn open_entry(path: &Path, name: Option<&str>) -> Result<(formats::TensorEntry, Mmap), Error> {
+    open_entry_of_rank(path, name, None)
+}
+
+/// Map a file and pick one tensor: by name, or the only one of `rank` dimensions.
+pub fn open_entry_of_rank(
+    path: &Path,
+    name: Option<&str>,
+    rank: Option<usize>,
+) -> Result<(formats::TensorEntry, Mmap), Error> {
     let format = Format::from_path(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::Io {
         path: Some(path.to_path_buf()),
@@ -117,8 +139,39 @@ fn open_entry(path: &Path, name: Option<&str>) -> Result<(formats::TensorEntry, 
         Error::Format { path: None, reason } => bad(path, reason),
         other => other,
     })?;
-    let entry = parsed.select(name, None, path)?.clone();
+    let entry = parsed.select(name, rank, path)?.clone();
     Ok((entry, map))
+}
+
+/// Refuse to write `output` when it is the same file as `input` (by device and inode, so a
+/// symlink, hard link or another spelling of the path is caught too): renaming the result over
+/// it would destroy the input. A missing output is never the input.
+pub fn refuse_overwriting_input(output: &Path, input: &Path, what: &str) -> Result<(), Error> {
+    if same_file(output, input) {
+        return Err(Error::InvalidArgument(format!(
+            "the output {} is the input {what} {} (the same file): writing it would replace \
+             the input; choose another output path",
+            output.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (ma.dev(), ma.ino()) == (mb.dev(), mb.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    }
 }
 
 fn bad(path: &Path, reason: String) -> Error {

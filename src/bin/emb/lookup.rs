@@ -30,8 +30,7 @@ pub struct Args {
     /// Output dtype: f32 (widened exactly), or native (the table's own dtype).
     #[arg(long, default_value = "f32", value_parser = ["f32", "native"])]
     out_dtype: String,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, help = crate::THREADS_HELP)]
     threads: Option<usize>,
     /// Keep the table in memory (resident), serve it from disk with batch read-ahead
     /// (out-of-core), or choose from its size against available memory (auto).

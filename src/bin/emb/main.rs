@@ -96,14 +96,29 @@ fn ignore_file_size_signal() {
     }
 }
 
-/// Run `f` on a rayon pool of `threads` threads, or on the global pool when `None`.
+/// Run `f` on a rayon pool of `threads` threads, or on the global pool when `None`. The count
+/// is bounded (`1..=MAX_THREADS`) before any thread starts.
 fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> CliResult<T> {
     match threads {
         None => Ok(f()),
-        Some(0) => Err("--threads must be at least 1".into()),
-        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()?
-            .install(f)),
+        Some(n) => {
+            let pool =
+                embedding_lookup::util::thread_pool(n).map_err(|e| format!("--threads: {e}"))?;
+            Ok(pool.install(f))
+        }
     }
 }
+
+/// A count that must be at least 1 (`--iters`, `--rows`, ...): 0 would time nothing and print
+/// figures of no run.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
+/// The help text of every `--threads` option.
+const THREADS_HELP: &str =
+    "Worker threads, 1 to 1024 (default: all cores); larger counts are refused";

@@ -54,17 +54,44 @@ pub enum TensorDType {
     U32,
     /// Unsigned 64-bit integers.
     U64,
-    /// Anything else, by its name in the file (`F64`, `<i2`, ...).
+    /// Signed 8-bit integers (indices, widened when read).
+    I8,
+    /// Signed 16-bit integers (indices, widened when read).
+    I16,
+    /// Unsigned 8-bit integers (indices, widened when read).
+    U8,
+    /// Unsigned 16-bit integers (indices, widened when read).
+    U16,
+    /// IEEE 754 double precision: not a table dtype, but `emb convert` reads it.
+    F64,
+    /// Anything else, by its name in the file (`BOOL`, `|b1`, ...).
     Other(String),
 }
 
 impl TensorDType {
+    /// Whether this is an integer type (an index tensor, never a table).
+    pub fn is_integer(&self) -> bool {
+        matches!(
+            self,
+            TensorDType::I8
+                | TensorDType::I16
+                | TensorDType::I32
+                | TensorDType::I64
+                | TensorDType::U8
+                | TensorDType::U16
+                | TensorDType::U32
+                | TensorDType::U64
+        )
+    }
+
     /// Bytes per element, if known.
     pub fn size(&self) -> Option<usize> {
         match self {
             TensorDType::Float(d) => Some(d.size()),
             TensorDType::I32 | TensorDType::U32 => Some(4),
-            TensorDType::I64 | TensorDType::U64 => Some(8),
+            TensorDType::I64 | TensorDType::U64 | TensorDType::F64 => Some(8),
+            TensorDType::I8 | TensorDType::U8 => Some(1),
+            TensorDType::I16 | TensorDType::U16 => Some(2),
             TensorDType::Other(_) => None,
         }
     }
@@ -78,7 +105,12 @@ impl fmt::Display for TensorDType {
             TensorDType::I64 => f.write_str("i64"),
             TensorDType::U32 => f.write_str("u32"),
             TensorDType::U64 => f.write_str("u64"),
-            TensorDType::Other(s) => write!(f, "{s} (unsupported)"),
+            TensorDType::I8 => f.write_str("i8"),
+            TensorDType::I16 => f.write_str("i16"),
+            TensorDType::U8 => f.write_str("u8"),
+            TensorDType::U16 => f.write_str("u16"),
+            TensorDType::F64 => f.write_str("f64"),
+            TensorDType::Other(s) => f.write_str(s),
         }
     }
 }

@@ -57,13 +57,20 @@ pub(super) fn parse(bytes: &[u8]) -> Result<TensorEntry> {
     let Some(size) = dtype.size() else {
         let hint = if dict.descr.contains("V2") || dict.descr.contains("bf") {
             " (bf16 has no .npy dtype: use .safetensors)"
+        } else if dict.descr.starts_with('>') {
+            " (big-endian: save with `arr.astype(arr.dtype.newbyteorder('<'))`)"
         } else {
             ""
         };
-        return Err(bad(format!(
-            "unsupported dtype {:?}{hint}; supported: <f4, <f2, <i4, <i8, <u4, <u8",
-            dict.descr
-        )));
+        return Err(Error::format(
+            None,
+            format!(
+                "dtype {:?} is not supported{hint}: tables must be <f4 or <f2 (<f8 through \
+                 `emb convert IN OUT --dtype f32`), indices signed or unsigned integers of \
+                 1 to 8 bytes (<i1 .. <i8, <u1 .. <u8)",
+                dict.descr
+            ),
+        ));
     };
     let len = checked_bytes(&dict.shape, size)
         .ok_or_else(|| bad(format!("shape {:?} overflows", dict.shape)))?;
@@ -89,6 +96,12 @@ pub(super) fn parse(bytes: &[u8]) -> Result<TensorEntry> {
 fn descr_dtype(descr: &str) -> TensorDType {
     // '<' little-endian, '|' not applicable, '=' native (little-endian on every supported target).
     let little = |s: &str| ["<", "="].iter().any(|p| descr == format!("{p}{s}"));
+    // One byte has no order: numpy writes '|', and accepts the others.
+    let one_byte = |s: &str| {
+        ["|", "<", "=", ">"]
+            .iter()
+            .any(|p| descr == format!("{p}{s}"))
+    };
     if little("f4") {
         TensorDType::Float(DType::F32)
     } else if little("f2") {
@@ -101,6 +114,16 @@ fn descr_dtype(descr: &str) -> TensorDType {
         TensorDType::U32
     } else if little("u8") {
         TensorDType::U64
+    } else if little("f8") {
+        TensorDType::F64
+    } else if little("i2") {
+        TensorDType::I16
+    } else if little("u2") {
+        TensorDType::U16
+    } else if one_byte("i1") {
+        TensorDType::I8
+    } else if one_byte("u1") {
+        TensorDType::U8
     } else {
         TensorDType::Other(descr.to_string())
     }
@@ -120,6 +143,11 @@ pub(super) fn descr(d: &TensorDType) -> Result<&'static str> {
         TensorDType::I64 => "<i8",
         TensorDType::U32 => "<u4",
         TensorDType::U64 => "<u8",
+        TensorDType::I8 => "|i1",
+        TensorDType::I16 => "<i2",
+        TensorDType::U8 => "|u1",
+        TensorDType::U16 => "<u2",
+        TensorDType::F64 => "<f8",
         TensorDType::Other(s) => {
             return Err(Error::InvalidArgument(format!(
                 "cannot write dtype {s} to .npy"
@@ -344,7 +372,7 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"\x93NUMP".to_vec(), "magic"),
             (file("{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }", &[0; 4]), "Fortran"),
-            (file("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }", &[0; 4]), "unsupported dtype"),
+            (file("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }", &[0; 4]), "big-endian"),
             (file("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &[0; 4]), "needs 8 data bytes"),
             (
                 file(

@@ -66,6 +66,11 @@ fn from_safetensors(d: Dtype) -> TensorDType {
         Dtype::I64 => TensorDType::I64,
         Dtype::U32 => TensorDType::U32,
         Dtype::U64 => TensorDType::U64,
+        Dtype::I8 => TensorDType::I8,
+        Dtype::I16 => TensorDType::I16,
+        Dtype::U8 => TensorDType::U8,
+        Dtype::U16 => TensorDType::U16,
+        Dtype::F64 => TensorDType::F64,
         other => TensorDType::Other(format!("{other:?}")),
     }
 }
@@ -80,6 +85,11 @@ pub(super) fn dtype_name(d: &TensorDType) -> Result<&'static str> {
         TensorDType::I64 => "I64",
         TensorDType::U32 => "U32",
         TensorDType::U64 => "U64",
+        TensorDType::I8 => "I8",
+        TensorDType::I16 => "I16",
+        TensorDType::U8 => "U8",
+        TensorDType::U16 => "U16",
+        TensorDType::F64 => "F64",
         TensorDType::Other(s) => {
             return Err(Error::InvalidArgument(format!(
                 "cannot write dtype {s} to safetensors"
