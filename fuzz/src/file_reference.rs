@@ -94,6 +94,11 @@ pub fn npy(bytes: &[u8]) -> Verdict {
         "<i8" | "=i8" => "I64",
         "<u4" | "=u4" => "U32",
         "<u8" | "=u8" => "U64",
+        "<f8" | "=f8" => "F64",
+        "<i2" | "=i2" => "I16",
+        "<u2" | "=u2" => "U16",
+        "|i1" => "I8",
+        "|u1" => "U8",
         _ => return Verdict::Unsure,
     };
     if dict.shape.iter().any(|&d| d > isize::MAX as usize) {

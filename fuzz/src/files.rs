@@ -144,6 +144,11 @@ fn reference_dtype(name: &str) -> TensorDType {
         "I64" => TensorDType::I64,
         "U32" => TensorDType::U32,
         "U64" => TensorDType::U64,
+        "I8" => TensorDType::I8,
+        "I16" => TensorDType::I16,
+        "U8" => TensorDType::U8,
+        "U16" => TensorDType::U16,
+        "F64" => TensorDType::F64,
         other => TensorDType::Other(other.to_string()),
     }
 }
