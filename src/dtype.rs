@@ -44,11 +44,14 @@ impl std::str::FromStr for DType {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
         match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(DType::F32),
-            "f16" | "float16" | "half" => Ok(DType::F16),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
+            // PyTorch's and numpy's spellings too, as their users type them.
+            "f32" | "fp32" | "float32" | "float" | "torch.float32" | "torch.float" => {
+                Ok(DType::F32)
+            }
+            "f16" | "fp16" | "float16" | "half" | "torch.float16" | "torch.half" => Ok(DType::F16),
+            "bf16" | "bfloat16" | "torch.bfloat16" => Ok(DType::BF16),
             _ => Err(crate::Error::InvalidArgument(format!(
-                "unknown dtype {s:?} (expected f32, f16 or bf16)"
+                "unknown dtype {s:?} (expected f32, f16 or bf16, or fp32, float16, bfloat16, ...)"
             ))),
         }
     }

@@ -545,3 +545,87 @@ fn narrow_integer_indices_are_widened_and_other_dtypes_named_as_indices() {
         &["cannot be a table", "has dtype i64", "indices, not a table"],
     );
 }
+
+/// A model of many tensors, as a transformer's file is: a wrong name gets the nearest names and
+/// the count, not every name on one line; with no name, the one 2-D float tensor is the table
+/// (integer tensors such as `position_ids` are not tables); PyTorch's dtype spellings work.
+#[test]
+fn many_tensors_wrong_names_and_pytorch_dtype_names() {
+    let f = Files::new();
+    let path = f.p("model.safetensors");
+    let table: Vec<f32> = (0..30).map(|i| i as f32).collect();
+    let bias = [0.5f32; 3];
+    let ids = [0i64, 1, 2, 3];
+    let names: Vec<String> = (0..40).map(|i| format!("encoder.layer.{i}.bias")).collect();
+    let mut tensors = vec![
+        TensorToWrite {
+            name: "embeddings.word_embeddings.weight",
+            dtype: TensorDType::Float(DType::F32),
+            shape: vec![10, 3],
+            data: bytemuck::cast_slice(&table),
+        },
+        TensorToWrite {
+            name: "embeddings.position_ids",
+            dtype: TensorDType::I64,
+            shape: vec![1, 4],
+            data: bytemuck::cast_slice(&ids),
+        },
+    ];
+    tensors.extend(names.iter().map(|n| TensorToWrite {
+        name: n,
+        dtype: TensorDType::Float(DType::F32),
+        shape: vec![3],
+        data: bytemuck::cast_slice(&bias),
+    }));
+    write_tensors(&path, &tensors, &Default::default()).unwrap();
+    let ids = f.p("ids.npy");
+    npy_raw(&ids, "<i8", "(2,)", bytemuck::cast_slice(&[4i64, 9]));
+    let looked_up = f.p("out.npy");
+
+    let o = emb(&[
+        "lookup",
+        "--table",
+        s(&path),
+        "--indices",
+        s(&ids),
+        "--out",
+        s(&looked_up),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = Table::open(&looked_up, None).unwrap();
+    assert_eq!(
+        got.as_slice::<f32>().unwrap(),
+        [12.0, 13.0, 14.0, 27.0, 28.0, 29.0]
+    );
+
+    let typo = format!("{}:embeddings.word_embedding.weight", s(&path));
+    let o = emb(&[
+        "lookup",
+        "--table",
+        &typo,
+        "--indices",
+        s(&ids),
+        "--out",
+        s(&looked_up),
+    ]);
+    assert_refused(
+        &o,
+        &[
+            "did you mean",
+            "embeddings.word_embeddings.weight",
+            "42 tensors",
+        ],
+    );
+    assert!(
+        stderr(&o).len() < 1000,
+        "{} bytes: {}",
+        stderr(&o).len(),
+        stderr(&o)
+    );
+
+    let out = f.p("half.safetensors");
+    for dtype in ["fp16", "torch.float16", "bfloat16", "fp32"] {
+        let o = emb(&["convert", s(&path), s(&out), "--dtype", dtype]);
+        assert!(o.status.success(), "--dtype {dtype}: {}", stderr(&o));
+    }
+}

@@ -162,6 +162,7 @@ pub struct ParsedFile {
 
 impl ParsedFile {
     /// Pick a tensor: by name, or the only tensor of the wanted rank when no name is given.
+    /// A rank of 2 asks for a table, so integer tensors (ids, `position_ids`) are not offered.
     pub fn select(
         &self,
         name: Option<&str>,
@@ -172,36 +173,71 @@ impl ParsedFile {
             return self.entries.iter().find(|e| e.name == name).ok_or_else(|| {
                 Error::format(
                     Some(path),
-                    format!(
-                        "no tensor named {name:?}; the file holds: {}",
-                        self.listing(None)
-                    ),
+                    format!("no tensor named {name:?}; {}", self.closest(name)),
                 )
             });
         }
-        let candidates: Vec<&TensorEntry> = self
+        let of_rank: Vec<&TensorEntry> = self
             .entries
             .iter()
             .filter(|e| rank.is_none_or(|r| e.shape.len() == r))
             .collect();
-        match candidates.as_slice() {
-            [one] => Ok(one),
+        let candidates: Vec<&TensorEntry> = if rank == Some(2) {
+            of_rank
+                .iter()
+                .copied()
+                .filter(|e| !e.dtype.is_integer())
+                .collect()
+        } else {
+            of_rank.clone()
+        };
+        // The only tensor of the rank is picked even when it is no table, so that the caller
+        // can say why it is not (integers are indices) rather than that none was found.
+        match (candidates.as_slice(), of_rank.as_slice()) {
+            ([one], _) | ([], [one]) => Ok(one),
             _ => {
                 let what = match rank {
+                    Some(2) => "2-D tensors of floats".to_string(),
                     Some(r) => format!("{r}-D tensors"),
                     None => "tensors".to_string(),
                 };
+                let list: Vec<String> = candidates.iter().map(|e| e.describe()).collect();
                 Err(Error::format(
                     Some(path),
                     format!(
                         "the file holds {} {what}, so a tensor name is needed \
                          (FILE:TENSOR); {what}: {}",
                         candidates.len(),
-                        self.listing(rank)
+                        if list.is_empty() {
+                            "none".to_string()
+                        } else {
+                            list.join(", ")
+                        }
                     ),
                 ))
             }
         }
+    }
+
+    /// The file's tensors closest to a name that matched none: all of them when there are a
+    /// few, else the count and the five nearest by edit distance.
+    fn closest(&self, name: &str) -> String {
+        const SHOWN: usize = 5;
+        if self.entries.len() <= SHOWN {
+            return format!("the file holds: {}", self.listing(None));
+        }
+        let mut ranked: Vec<(usize, &TensorEntry)> = self
+            .entries
+            .iter()
+            .map(|e| (edit_distance(name, &e.name), e))
+            .collect();
+        ranked.sort_by_key(|&(d, e)| (d, e.name.len()));
+        let near: Vec<String> = ranked[..SHOWN].iter().map(|(_, e)| e.describe()).collect();
+        format!(
+            "did you mean one of: {}? (the file holds {} tensors; `emb info FILE` lists them)",
+            near.join(", "),
+            self.entries.len()
+        )
     }
 
     fn listing(&self, rank: Option<usize>) -> String {
@@ -245,4 +281,20 @@ pub(crate) fn checked_bytes(shape: &[usize], elem: usize) -> Option<usize> {
         .iter()
         .try_fold(elem, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= isize::MAX as usize)
+}
+
+/// Levenshtein distance between two names, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
